@@ -1,0 +1,88 @@
+"""The ``beach-rescue`` command: ``serve``, ``token keygen|mint`` and ``config docs|check``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from rescue import __version__
+from rescue.config import Config, ConfigError, add_arguments, load_config, reference_markdown
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="beach-rescue", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"beach-rescue {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the relay")
+    add_arguments(serve)
+
+    token = commands.add_parser("token", help="manage signing keys and mint tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    keygen = token_commands.add_parser("keygen", help="write a new Ed25519 key pair")
+    keygen.add_argument("--out", metavar="DIR",
+                        help="directory for <kid>.key and <kid>.pub "
+                             "(default: the development key directory)")
+    mint = token_commands.add_parser("mint", help="print a signed relay token")
+    mint.add_argument("--session", required=True, help="session id (the `sid` claim)")
+    mint.add_argument("--ttl", type=int, default=300, help="lifetime in seconds (max 300)")
+    mint.add_argument("--cohort", default="public", help="cohort claim")
+    mint.add_argument("--keys", metavar="DIR",
+                      help="directory holding the private key (default: development keys)")
+    mint.add_argument("--kid", help="key id to sign with (default: the newest key)")
+    mint.add_argument("--cap", action="append",
+                      help="capability claim, repeatable (default: fallback-ws)")
+    mint.add_argument("--issuer", default="beach-rescue-cli", help="`iss` claim")
+
+    config = commands.add_parser("config", help="inspect the configuration")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    config_commands.add_parser("docs", help="print the Markdown configuration reference")
+    check = config_commands.add_parser("check", help="validate settings and print them")
+    add_arguments(check)
+    return parser
+
+
+def _dev_key_dir(config: Config) -> Path:
+    return config.resolved_state_dir() / "keys"
+
+
+def _cmd_token(args: argparse.Namespace, config: Config) -> int:
+    from rescue import keys, tokens
+
+    if args.token_command == "keygen":
+        out = Path(args.out) if args.out else _dev_key_dir(config)
+        print(keys.generate_keypair(out))
+        return 0
+    key_dir = Path(args.keys) if args.keys else keys.ensure_dev_keys(config.resolved_state_dir())
+    signing_key = keys.load_signing_key(key_dir, args.kid)
+    print(tokens.mint_token(
+        signing_key, session_id=args.session, now=time.time(), ttl_s=args.ttl,
+        cohort=args.cohort, caps=tuple(args.cap or ("fallback-ws",)), issuer=args.issuer,
+        audience=config.token_audience))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the process exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args if args.command in ("serve", "config") else None)
+        if args.command == "serve":
+            from rescue.server.app import serve
+
+            return serve(config)
+        if args.command == "token":
+            return _cmd_token(args, config)
+        if args.config_command == "docs":
+            sys.stdout.write(reference_markdown())
+            return 0
+        import msgspec
+
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(config)).decode() + "\n")
+        return 0
+    except ConfigError as e:
+        print(f"beach-rescue: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,1 @@
+"""The multi-process supervisor (arbiter): forks and watches relay workers."""
