@@ -1,0 +1,1 @@
+"""I/O adapters: the aiohttp glue of a relay worker."""

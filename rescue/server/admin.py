@@ -1,0 +1,57 @@
+"""The admin listener: ``/debug/stats`` behind a bearer key, never on the public port."""
+
+from __future__ import annotations
+
+import hmac
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from rescue.admission import bearer_token
+from rescue.codes import ErrorCode
+from rescue.server.relay import Relay, error_response
+
+
+def stats_snapshot(relay: Relay, session_id: str | None = None) -> dict[str, Any]:
+    """Return the worker's counters and live state (one session's members if asked)."""
+    loop_now = asyncio.get_running_loop().time()
+    oldest = min((s.created_at for s in relay.registry.sessions.values()), default=None)
+    body: dict[str, Any] = {
+        "connections": relay.connections,
+        "handshakes": relay.handshakes,
+        "peers": len(relay.peers),
+        "sessions": len(relay.registry),
+        "oldest_session_age_s": None if oldest is None else round(loop_now - oldest, 3),
+        "draining": relay.draining,
+        "counters": relay.stats.as_dict(),
+    }
+    if session_id is not None:
+        session = relay.registry.get(session_id)
+        body["session"] = None if session is None else {
+            "members": [{"role": m.role, "connection_id": m.conn.connection_id,
+                         "rx_msgs": m.conn.rx_msgs, "tx_msgs": m.conn.tx_msgs,
+                         "buffered": m.conn.write_buffer_size}
+                        for m in session.members()],
+            "age_s": round(loop_now - session.created_at, 3),
+        }
+    return body
+
+
+def admin_app(relay: Relay) -> web.Application:
+    """Build the admin application; every request needs ``Authorization: Bearer <admin_key>``."""
+    key = relay.config.admin_key.encode()
+
+    async def debug_stats(request: web.Request) -> web.Response:
+        if not key:
+            return error_response(ErrorCode.NOT_ENTITLED,
+                                  "admin_key is not configured; admin endpoints are disabled")
+        given = (bearer_token(request.headers.get("Authorization")) or "").encode()
+        if not hmac.compare_digest(given, key):
+            return web.json_response({"error": "unauthenticated",
+                                      "detail": "admin key required"}, status=401)
+        return web.json_response(stats_snapshot(relay, request.query.get("session")))
+
+    app = web.Application()
+    app.router.add_get("/debug/stats", debug_stats)
+    return app

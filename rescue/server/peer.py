@@ -1,0 +1,141 @@
+"""One joined WebSocket connection as the relay sees it: writes, drain waits, close.
+
+A :class:`Peer` wraps the aiohttp ``WebSocketResponse`` and its transport. Forwarded
+frames are written straight to the transport (see :mod:`rescue.wsframe`); the transport's
+write-buffer limits are set to the relay's high/low water marks so ``writing_paused``
+tells whether senders must wait for this peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
+
+from rescue.codes import CloseCode
+from rescue.ratelimit import ConnectionRateLimit
+from rescue.sessions import Member, Role, Session
+from rescue.wsframe import OP_PING, OP_PONG, binary_frame, control_frame, text_frame
+
+if TYPE_CHECKING:
+    from rescue.server.relay import Relay
+
+
+class Peer:
+    """A connection that completed its hello and is a member of a session."""
+
+    __slots__ = (
+        "_close_task", "_drain", "close_code", "closing", "connection_id", "data_msgs", "is_host",
+        "member", "missed", "paused_since", "peer_id", "protocol", "rate", "relay",
+        "role", "rx_bytes", "rx_msgs", "seen_data", "seen_data_at", "seen_rx", "session",
+        "started_at", "transport", "tx_bytes", "tx_msgs", "ws",
+    )
+
+    def __init__(self, relay: Relay, ws: web.WebSocketResponse, transport: asyncio.Transport,
+                 protocol: BaseProtocol, *, role: Role, peer_id: str, connection_id: str,
+                 session: Session[Peer], rate: ConnectionRateLimit, now: float) -> None:
+        self.relay = relay
+        self.ws = ws
+        self.transport = transport
+        self.protocol = protocol
+        self.role = role
+        self.is_host = role == "host"
+        self.peer_id = peer_id
+        self.connection_id = connection_id
+        self.session = session
+        self.member: Member[Peer] | None = None
+        self.rate = rate
+        self.closing = False
+        self.close_code: CloseCode | None = None
+        self.rx_msgs = self.rx_bytes = self.tx_msgs = self.tx_bytes = self.data_msgs = 0
+        self.seen_rx = self.seen_data = self.missed = 0
+        self.seen_data_at = self.started_at = now
+        self.paused_since: float | None = None
+        self._close_task: asyncio.Task[None] | None = None
+        self._drain = protocol._drain_helper
+        high = relay.config.write_high_water_bytes
+        transport.set_write_buffer_limits(high=high, low=relay.config.write_low_water_bytes)
+
+    # --- writing ---------------------------------------------------------------------
+    def write_binary(self, data: bytes) -> bool:
+        """Queue one binary message for this peer; False if it is closing (nothing sent)."""
+        if self.closing:
+            return False
+        self.transport.write(binary_frame(data))
+        self.tx_msgs += 1
+        self.tx_bytes += len(data)
+        return True
+
+    def write_text(self, text: str) -> None:
+        """Queue one text message (an event) unless the peer is closing."""
+        if not self.closing:
+            self.transport.write(text_frame(text))
+
+    def ping(self) -> None:
+        """Send a WebSocket ping (liveness probe of a silent peer)."""
+        if not self.closing:
+            self.transport.write(control_frame(OP_PING))
+
+    def pong(self, payload: bytes) -> None:
+        """Answer a client's ping."""
+        if not self.closing:
+            self.transport.write(control_frame(OP_PONG, payload[:125]))
+
+    @property
+    def write_buffer_size(self) -> int:
+        return self.transport.get_write_buffer_size()
+
+    async def wait_writable(self, deadline_s: float) -> bool:
+        """Wait until this peer's buffer is under the low-water mark.
+
+        Returns False if it stayed over the high-water mark until its slow-consumer
+        deadline (measured from when it was first seen paused); the caller evicts it.
+        """
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self.paused_since is None:
+            self.paused_since = now
+        remaining = self.paused_since + deadline_s - now
+        if remaining > 0:
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._drain()
+            except TimeoutError:
+                pass
+            except ConnectionError:
+                return True  # the peer is gone; its own task reports why
+        if self.protocol.writing_paused and not self.closing:
+            return False
+        self.paused_since = None
+        return True
+
+    # --- closing ---------------------------------------------------------------------
+    def close(self, code: CloseCode, left_reason: str) -> None:
+        """Leave the session now and close the WebSocket with ``code`` in the background.
+
+        Idempotent. Counterparts get ``peer_left`` with ``left_reason``.
+        """
+        if self.closing:
+            return
+        self.relay.detach(self, left_reason)
+        self.closing = True
+        self.close_code = code
+        self._close_task = self.relay.spawn(self._close_ws(code))
+
+    async def wait_closed(self) -> None:
+        """Wait for the close started by :meth:`close` (the handler must not return first)."""
+        if self._close_task is not None:
+            await asyncio.shield(self._close_task)
+
+    async def _close_ws(self, code: CloseCode) -> None:
+        timeout = self.relay.config.close_timeout_s
+        try:
+            async with asyncio.timeout(timeout + 1):
+                await self.ws.close(code=code, message=code.reason.encode())
+        except (ConnectionError, RuntimeError, TimeoutError):
+            pass
+        # A receiver that stopped reading never lets the close frame out: drop it.
+        if self.transport.get_write_buffer_size():
+            asyncio.get_running_loop().call_later(timeout, self.transport.abort)

@@ -1,0 +1,327 @@
+"""The relay of one worker: upgrade, hello, join, then the forwarding loop of each peer.
+
+The decisions live in sans-I/O modules (:mod:`rescue.admission`, :mod:`rescue.hello`,
+:mod:`rescue.frames`, :mod:`rescue.sessions`, :mod:`rescue.ratelimit`); this module is
+the aiohttp glue that carries them out. One task per connection: it reads its peer's
+messages and writes them to the receivers' transports (never through a queue), so
+order is preserved per direction, and a receiver over its high-water mark makes the
+sender stop reading (TCP backpressure) until it drains or is evicted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import secrets
+import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from aiohttp import WSMsgType, web
+
+from rescue.admission import Load, UpgradeRequest, admit
+from rescue.codes import CloseCode, ErrorCode, Refusal
+from rescue.config import Config
+from rescue.frames import FrameError, check_frame
+from rescue.hello import (
+    HelloError,
+    encode_peer_joined,
+    encode_peer_left,
+    encode_server_hello,
+    new_server_nonce,
+    parse_client_hello,
+)
+from rescue.logs import log_event
+from rescue.ratelimit import ConnectionRateLimit
+from rescue.server.peer import Peer
+from rescue.server.stats import WorkerStats
+from rescue.sessions import Registry, SessionFull, TooManyConnections
+from rescue.tokens import TokenVerifier
+
+log = logging.getLogger("rescue.relay")
+
+T = TypeVar("T")
+
+_HEARTBEAT = 2
+_BINARY = WSMsgType.BINARY
+_TEXT = WSMsgType.TEXT
+_PING = WSMsgType.PING
+_PONG = WSMsgType.PONG
+
+
+def error_response(error: ErrorCode, detail: str,
+                   retry_after_s: int | None = None) -> web.Response:
+    """Build the contract's JSON error response."""
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+    return web.json_response({"error": error.code, "detail": detail},
+                             status=error.status, headers=headers)
+
+
+class RelayWebSocket(web.WebSocketResponse):
+    """A WebSocketResponse whose closes always carry the protocol's reason string."""
+
+    async def close(self, *, code: int = 1000, message: bytes = b"",
+                    drain: bool = False) -> bool:
+        if not message and code in CloseCode._value2member_map_:
+            message = CloseCode(code).reason.encode()
+        return await super().close(code=code, message=message, drain=drain)
+
+
+class Relay:
+    """All relay state of one worker process and the ``GET /ws`` handler."""
+
+    def __init__(self, config: Config, verifier: TokenVerifier) -> None:
+        self.config = config
+        self.verifier = verifier
+        self.registry: Registry[Peer] = Registry(
+            max_participants=config.max_participants,
+            max_connections_per_session=config.max_connections_per_session,
+            grace_s=config.session_grace_s)
+        self.stats = WorkerStats()
+        self.peers: set[Peer] = set()
+        self.handshakes = 0
+        self.draining = False
+        self.paused = False
+        self.started_at = time.time()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._ids = itertools.count(1)
+        self._id_prefix = f"{os.getpid():x}{secrets.token_hex(2)}"
+
+    # --- bookkeeping ---------------------------------------------------------------
+    @property
+    def connections(self) -> int:
+        return len(self.peers) + self.handshakes
+
+    def load(self) -> Load:
+        """The worker's load as admission sees it."""
+        return Load(draining=self.draining, paused=self.paused,
+                    connections=self.connections, handshakes=self.handshakes,
+                    max_connections=self.config.max_connections,
+                    max_handshakes=self.config.max_handshakes)
+
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run ``coro`` in the background, keeping a reference until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def detach(self, peer: Peer, reason: str) -> None:
+        """Take ``peer`` out of its session and tell its counterparts (``peer_left``)."""
+        self.peers.discard(peer)
+        if peer.member is None:
+            return
+        result = self.registry.leave(peer.session, peer.member,
+                                     asyncio.get_running_loop().time())
+        if result.notify:
+            event = encode_peer_left(peer.role, peer.peer_id, reason)
+            for other in result.notify:
+                other.write_text(event)
+
+    # --- the handler ---------------------------------------------------------------
+    async def handle_ws(self, request: web.Request) -> web.StreamResponse:
+        """Serve ``GET /ws``: admit, upgrade, hello, then relay until the peer leaves."""
+        query = request.query
+        upgrade = UpgradeRequest(
+            session=query.get("session"), query_token=query.get("token"),
+            authorization=request.headers.get("Authorization"),
+            is_websocket_upgrade=request.headers.get("Upgrade", "").lower() == "websocket")
+        try:
+            claims = admit(upgrade, self.load(), self.verifier, time.time())
+        except Refusal as r:
+            return self._refuse(r.error, r.detail, r.retry_after_s)
+        loop = asyncio.get_running_loop()
+        session_id = claims.sid
+        try:
+            session = self.registry.reserve(session_id, loop.time())
+        except TooManyConnections:
+            return self._refuse(ErrorCode.RATE_LIMITED,
+                                "too many connections for this session")
+        self.handshakes += 1
+        handshaking = True
+        try:
+            ws = RelayWebSocket(compress=False, max_msg_size=self.config.max_message_bytes,
+                                autoping=False, autoclose=True,
+                                timeout=self.config.close_timeout_s,
+                                writer_limit=1 << 30)
+            try:
+                await ws.prepare(request)
+            except web.HTTPException as e:
+                return self._refuse(ErrorCode.BAD_REQUEST, e.text or e.reason)
+            transport = request.transport
+            if transport is None:  # the client went away during the upgrade
+                return ws
+            peer = await self._hello(ws, request, claims.exp, session_id, session)
+            self.handshakes -= 1
+            handshaking = False
+            self.registry.release(session, loop.time())
+            if peer is not None:
+                await self._relay(peer)
+            return ws
+        finally:
+            if handshaking:
+                self.handshakes -= 1
+                self.registry.release(session, loop.time())
+
+    def _refuse(self, error: ErrorCode, detail: str,
+                retry_after_s: int | None = None) -> web.Response:
+        self.stats.upgrades_refused[error.code] += 1
+        log_event(log, "upgrade.refused", error=error.code, detail=detail)
+        return error_response(error, detail, retry_after_s)
+
+    async def _close_handshake(self, ws: web.WebSocketResponse, code: CloseCode,
+                               detail: str) -> None:
+        self.stats.closes[code.name] += 1
+        log_event(log, "hello.refused", code=int(code), reason=code.reason, detail=detail)
+        await ws.close(code=code, message=code.reason.encode())
+
+    async def _hello(self, ws: web.WebSocketResponse, request: web.Request, token_exp: int,
+                     session_id: str, session: Any) -> Peer | None:
+        """Run the hello exchange; return the joined :class:`Peer`, or None if refused."""
+        try:
+            msg = await ws.receive(timeout=self.config.handshake_timeout_s)
+        except TimeoutError:
+            await self._close_handshake(ws, CloseCode.HANDSHAKE_TIMEOUT, "no hello in time")
+            return None
+        if msg.type is not _TEXT:
+            if msg.type in (_BINARY, _PING, _PONG):
+                await self._close_handshake(ws, CloseCode.PROTOCOL_ERROR,
+                                            "expected a text client_hello")
+            return None
+        try:
+            hello = parse_client_hello(msg.data)
+        except HelloError as e:
+            await self._close_handshake(ws, e.close_code, e.detail)
+            return None
+        if hello.session_id != session_id:
+            await self._close_handshake(ws, CloseCode.SESSION_MISMATCH,
+                                        "hello session_id differs from the token's sid")
+            return None
+        if time.time() >= token_exp + self.config.token_leeway_s:
+            await self._close_handshake(ws, CloseCode.TOKEN_EXPIRED,
+                                        "token expired before the hello")
+            return None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        transport = request.transport
+        assert transport is not None
+        connection_id = f"{self._id_prefix}-{next(self._ids):x}"
+        peer = Peer(self, ws, transport, request.protocol, role=hello.role,
+                    peer_id=hello.peer_id, connection_id=connection_id, session=session,
+                    rate=ConnectionRateLimit.from_config(self.config, now), now=now)
+        try:
+            joined = self.registry.join(session, hello.role, hello.peer_id, peer)
+        except SessionFull:
+            await self._close_handshake(ws, CloseCode.SESSION_FULL,
+                                        f"session has {self.config.max_participants} "
+                                        "participants")
+            return None
+        peer.member = joined.member
+        self.peers.add(peer)
+        self.stats.handshakes_ok += 1
+        # No await from here to the end of the fan-out: the server hello is the first
+        # message the peer gets, and events reach everyone in a consistent order.
+        peer.write_text(encode_server_hello(
+            ack_nonce=hello.client_nonce, server_nonce=new_server_nonce(),
+            heartbeat_s=self.config.heartbeat_s, connection_id=connection_id,
+            host_present=joined.host_present, participants=joined.participant_count))
+        if joined.replaced is not None:
+            old = joined.replaced.conn
+            old.member = None  # already out of the session; no second peer_left
+            left = encode_peer_left(old.role, old.peer_id, "replaced")
+            for other in joined.replaced_notify:
+                other.write_text(left)
+            old.close(CloseCode.REPLACED, "replaced")
+            self.stats.closes[CloseCode.REPLACED.name] += 1
+        joined_event = encode_peer_joined(peer.role, peer.peer_id)
+        for other in joined.notify:
+            other.write_text(joined_event)
+        for present in joined.present:
+            peer.write_text(encode_peer_joined(present.role, present.peer_id))
+        log_event(log, "hello.accepted", connection_id=connection_id, role=peer.role,
+                  replaced=joined.replaced is not None)
+        return peer
+
+    async def _relay(self, peer: Peer) -> None:
+        """Forward ``peer``'s frames until it leaves; then account for how it ended."""
+        ws = peer.ws
+        receive = ws.receive
+        clock = asyncio.get_running_loop().time
+        stats = self.stats
+        rate_allow = peer.rate.allow
+        session = peer.session
+        slow_timeout = self.config.slow_consumer_timeout_s
+        code = CloseCode.NORMAL
+        reason = "closed"
+        try:
+            while True:
+                msg = await receive()
+                kind_of_msg = msg.type
+                if kind_of_msg is _BINARY:
+                    data: bytes = msg.data
+                    kind = check_frame(data)
+                    size = len(data)
+                    peer.rx_msgs += 1
+                    peer.rx_bytes += size
+                    if not rate_allow(size, clock()):
+                        stats.rate_limited += 1
+                        code, reason = CloseCode.RATE_LIMITED, "evicted"
+                        break
+                    if kind == _HEARTBEAT:
+                        peer.write_binary(data)
+                        stats.heartbeats_answered += 1
+                        continue
+                    peer.data_msgs += 1
+                    receivers = (session.participant_conns if peer.is_host
+                                 else session.host_conns)
+                    if not receivers:
+                        stats.frames_unrouted += 1
+                        continue
+                    for receiver in receivers:
+                        if receiver.write_binary(data):
+                            stats.messages_forwarded += 1
+                            stats.bytes_forwarded += size
+                        else:
+                            stats.frames_to_closing += 1
+                    for receiver in receivers:
+                        if receiver.protocol.writing_paused and not receiver.closing:
+                            stats.flow_pauses += 1
+                            if not await receiver.wait_writable(slow_timeout):
+                                stats.slow_consumer_evictions += 1
+                                log_event(log, "peer.evicted", connection_id=receiver.connection_id,
+                                          buffered=receiver.write_buffer_size)
+                                receiver.close(CloseCode.SLOW_CONSUMER, "evicted")
+                                stats.closes[CloseCode.SLOW_CONSUMER.name] += 1
+                elif kind_of_msg is _PING:
+                    peer.rx_msgs += 1
+                    peer.pong(msg.data)
+                elif kind_of_msg is _PONG:
+                    peer.rx_msgs += 1
+                elif kind_of_msg is _TEXT:
+                    code, reason = CloseCode.UNSUPPORTED_DATA, "evicted"
+                    break
+                else:  # CLOSE, CLOSING, CLOSED, ERROR: the connection is over
+                    if kind_of_msg is WSMsgType.ERROR:
+                        code = CloseCode(ws.close_code) if ws.close_code in (
+                            CloseCode.MESSAGE_TOO_BIG, CloseCode.PROTOCOL_ERROR
+                        ) else CloseCode.PROTOCOL_ERROR
+                        reason = "evicted"
+                    break
+        except FrameError as e:
+            code, reason = e.close_code, "evicted"
+            log_event(log, "frame.refused", connection_id=peer.connection_id,
+                      detail=e.detail)
+        finally:
+            await self._finish(peer, code, reason)
+
+    async def _finish(self, peer: Peer, code: CloseCode, reason: str) -> None:
+        if not peer.closing:
+            peer.close(code, reason)
+            self.stats.closes[code.name] += 1
+        log_event(log, "connection.closed", connection_id=peer.connection_id,
+                  code=int(peer.close_code or code), role=peer.role,
+                  rx_msgs=peer.rx_msgs, rx_bytes=peer.rx_bytes,
+                  tx_msgs=peer.tx_msgs, tx_bytes=peer.tx_bytes)
+        await peer.wait_closed()

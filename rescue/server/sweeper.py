@@ -1,0 +1,77 @@
+"""The periodic sweep of one worker: liveness, data idleness, stuck receivers, grace expiry.
+
+One task per worker instead of timers per connection: every ``heartbeat_s`` it compares
+each peer's receive counters with the previous sweep. A peer that sent nothing since
+gets a WebSocket ping; after ``missed_heartbeats`` silent sweeps it is closed with
+IDLE_TIMEOUT. The same pass closes peers that relayed no frame for
+``data_idle_timeout_s``, evicts receivers stuck over the high-water mark past the
+slow-consumer deadline (when no sender is waiting on them), and drops sessions whose
+grace period ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from rescue.codes import CloseCode
+from rescue.logs import log_event
+from rescue.server.relay import Relay
+
+log = logging.getLogger("rescue.sweeper")
+
+
+def sweep_once(relay: Relay, now: float) -> None:
+    """Run one sweep over every peer of ``relay`` at loop time ``now``."""
+    config = relay.config
+    stats = relay.stats
+    data_idle = config.data_idle_timeout_s
+    for peer in list(relay.peers):
+        if peer.closing:
+            continue
+        if peer.rx_msgs == peer.seen_rx:
+            peer.missed += 1
+            if peer.missed >= config.missed_heartbeats:
+                stats.idle_closes += 1
+                stats.closes[CloseCode.IDLE_TIMEOUT.name] += 1
+                log_event(log, "peer.idle_timeout", connection_id=peer.connection_id,
+                          missed=peer.missed)
+                peer.close(CloseCode.IDLE_TIMEOUT, "timeout")
+                continue
+            peer.ping()
+        else:
+            peer.missed = 0
+            peer.seen_rx = peer.rx_msgs
+        if peer.data_msgs != peer.seen_data:
+            peer.seen_data = peer.data_msgs
+            peer.seen_data_at = now
+        elif data_idle and now - peer.seen_data_at >= data_idle:
+            stats.idle_closes += 1
+            stats.closes[CloseCode.IDLE_TIMEOUT.name] += 1
+            log_event(log, "peer.data_idle", connection_id=peer.connection_id)
+            peer.close(CloseCode.IDLE_TIMEOUT, "timeout")
+            continue
+        if peer.protocol.writing_paused:
+            if peer.paused_since is None:
+                peer.paused_since = now
+            elif now - peer.paused_since >= config.slow_consumer_timeout_s:
+                stats.slow_consumer_evictions += 1
+                stats.closes[CloseCode.SLOW_CONSUMER.name] += 1
+                log_event(log, "peer.evicted", connection_id=peer.connection_id,
+                          buffered=peer.write_buffer_size)
+                peer.close(CloseCode.SLOW_CONSUMER, "evicted")
+        else:
+            peer.paused_since = None
+    stats.sessions_expired += len(relay.registry.expire(now))
+
+
+async def run_sweeper(relay: Relay) -> None:
+    """Sweep every ``heartbeat_s`` seconds until cancelled."""
+    loop = asyncio.get_running_loop()
+    interval = relay.config.heartbeat_s
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            sweep_once(relay, loop.time())
+        except Exception:
+            log.exception("sweeper.failed")
