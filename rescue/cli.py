@@ -50,18 +50,25 @@ def _dev_key_dir(config: Config) -> Path:
 
 
 def _cmd_token(args: argparse.Namespace, config: Config) -> int:
+    """Run ``token keygen`` or ``token mint``; key and argument errors exit with status 2."""
     from rescue import keys, tokens
 
-    if args.token_command == "keygen":
-        out = Path(args.out) if args.out else _dev_key_dir(config)
-        print(keys.generate_keypair(out))
-        return 0
-    key_dir = Path(args.keys) if args.keys else keys.ensure_dev_keys(config.resolved_state_dir())
-    signing_key = keys.load_signing_key(key_dir, args.kid)
-    print(tokens.mint_token(
-        signing_key, session_id=args.session, now=time.time(), ttl_s=args.ttl,
-        cohort=args.cohort, caps=tuple(args.cap or ("fallback-ws",)), issuer=args.issuer,
-        audience=config.token_audience))
+    try:
+        if args.token_command == "keygen":
+            out = Path(args.out) if args.out else _dev_key_dir(config)
+            print(keys.generate_keypair(out))
+            return 0
+        key_dir = (Path(args.keys) if args.keys
+                   else keys.ensure_dev_keys(config.resolved_state_dir()))
+        signing_key = keys.load_signing_key(key_dir, args.kid)
+        token = tokens.mint_token(
+            signing_key, session_id=args.session, now=time.time(), ttl_s=args.ttl,
+            cohort=args.cohort, caps=tuple(args.cap or (tokens.CAP_FALLBACK_WS,)),
+            issuer=args.issuer, audience=config.token_audience)
+    except (keys.KeyStoreError, ValueError) as e:
+        print(f"beach-rescue: {e}", file=sys.stderr)
+        return 2
+    print(token)
     return 0
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import hmac
 import asyncio
+import hmac
 from typing import Any
 
 from aiohttp import web

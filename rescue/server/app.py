@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import uvloop
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
@@ -87,14 +88,14 @@ class HeaderDeadline:
     def __init__(self, timeout_s: float, relay: Relay) -> None:
         self.timeout_s = timeout_s
         self.relay = relay
-        self._timers: dict[RequestHandler[Any], asyncio.TimerHandle] = {}
+        self._timers: dict[RequestHandler, asyncio.TimerHandle] = {}
 
-    def wrap(self, factory: Callable[[], RequestHandler[Any]]
-             ) -> Callable[[], RequestHandler[Any]]:
+    def wrap(self, factory: Callable[[], RequestHandler]
+             ) -> Callable[[], RequestHandler]:
         """Return a protocol factory that arms the deadline for each new connection."""
         loop = asyncio.get_running_loop()
 
-        def make() -> RequestHandler[Any]:
+        def make() -> RequestHandler:
             proto = factory()
             self._timers[proto] = loop.call_later(self.timeout_s, self._expire, proto)
             return proto
@@ -103,11 +104,11 @@ class HeaderDeadline:
 
     def request_started(self, request: web.Request) -> None:
         """Disarm the deadline of the connection carrying ``request``."""
-        timer = self._timers.pop(request.protocol, None)  # type: ignore[arg-type]
+        timer = self._timers.pop(request.protocol, None)
         if timer is not None:
             timer.cancel()
 
-    def _expire(self, proto: RequestHandler[Any]) -> None:
+    def _expire(self, proto: RequestHandler) -> None:
         self._timers.pop(proto, None)
         transport = proto.transport
         if transport is not None and not transport.is_closing():
@@ -238,6 +239,4 @@ def serve(config: Config) -> int:
     except (keys.KeyStoreError, OSError) as e:
         print(f"beach-rescue: cannot start: {e}", file=sys.stderr)
         return 1
-    import uvloop
-
     return uvloop.run(run_worker(config, verifier, sock))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -29,7 +29,7 @@ class WorkerStats:
     def as_dict(self) -> dict[str, Any]:
         """Return a JSON-ready snapshot."""
         out: dict[str, Any] = {}
-        for name in self.__slots__:  # type: ignore[attr-defined]
-            value = getattr(self, name)
-            out[name] = dict(value) if isinstance(value, Counter) else value
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = dict(value) if isinstance(value, Counter) else value
         return out

@@ -1,0 +1,68 @@
+"""Shared fixtures: a test signing key and real relay processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from rescue.keys import SigningKey, generate_keypair, load_signing_key
+from tests.support.relay import RelayProcess, start_relay
+
+# Settings that make liveness and flow-control behaviour observable in seconds.
+FAST_SETTINGS: dict[str, Any] = {
+    "heartbeat_s": 1.0,
+    "session_grace_s": 1.0,
+    "slow_consumer_timeout_s": 2.0,
+    "close_timeout_s": 1.0,
+    "handshake_timeout_s": 2.0,
+    "log_level": "debug",
+}
+
+
+@pytest.fixture(scope="session")
+def key_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("keys")
+    generate_keypair(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def signing_key(key_dir: Path) -> SigningKey:
+    return load_signing_key(key_dir)
+
+
+@pytest.fixture
+def relay_factory(key_dir: Path, signing_key: SigningKey,
+                  tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
+    """Start relays with given settings; every one is stopped at teardown."""
+    started: list[RelayProcess] = []
+
+    def start(**settings: Any) -> RelayProcess:
+        relay = start_relay(key_dir, signing_key, tmp_path / f"state{len(started)}",
+                            **settings)
+        started.append(relay)
+        return relay
+
+    yield start
+    for relay in started:
+        relay.stop()
+
+
+@pytest.fixture(scope="module")
+def relay(key_dir: Path, signing_key: SigningKey,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
+    """One relay with FAST_SETTINGS shared by a test module."""
+    proc = start_relay(key_dir, signing_key, tmp_path_factory.mktemp("state"),
+                       **FAST_SETTINGS)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session

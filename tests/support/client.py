@@ -1,0 +1,116 @@
+"""A small protocol-v1 test peer over aiohttp's client, for integration tests."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from rescue.frames import Frame, Kind, decode_frame, encode_frame
+
+RECEIVE_TIMEOUT_S = 10.0
+
+
+class UnexpectedMessage(AssertionError):
+    """The peer received something other than what the test waited for."""
+
+
+@dataclass
+class TestPeer:
+    """One connected peer: send frames, receive frames, events and the close."""
+
+    __test__ = False  # not a pytest test class
+
+    ws: aiohttp.ClientWebSocketResponse
+    session_id: str
+    role: str
+    peer_id: str
+    server_hello: dict[str, Any] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    seq: int = 0
+
+    async def send_frame(self, payload: bytes, kind: Kind = Kind.DATA) -> int:
+        """Send one frame with the next seq; return the seq used."""
+        self.seq += 1
+        await self.ws.send_bytes(encode_frame(kind, self.seq, payload))
+        return self.seq
+
+    async def send_raw(self, data: bytes) -> None:
+        await self.ws.send_bytes(data)
+
+    async def recv_frame(self, timeout: float = RECEIVE_TIMEOUT_S) -> Frame:
+        """Return the next binary frame, collecting text events met on the way."""
+        while True:
+            msg = await self.ws.receive(timeout=timeout)
+            if msg.type is aiohttp.WSMsgType.BINARY:
+                return decode_frame(msg.data)
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                self.events.append(json.loads(msg.data))
+                continue
+            raise UnexpectedMessage(f"expected a frame, got {msg.type!r} {msg.data!r} "
+                                    f"{msg.extra!r}")
+
+    async def recv_event(self, timeout: float = RECEIVE_TIMEOUT_S) -> dict[str, Any]:
+        """Return the next text event (earlier collected ones first)."""
+        if self.events:
+            return self.events.pop(0)
+        msg = await self.ws.receive(timeout=timeout)
+        if msg.type is aiohttp.WSMsgType.TEXT:
+            event: dict[str, Any] = json.loads(msg.data)
+            return event
+        raise UnexpectedMessage(f"expected an event, got {msg.type!r} {msg.data!r}")
+
+    async def recv_close(self, timeout: float = RECEIVE_TIMEOUT_S) -> tuple[int, str]:
+        """Skip frames and events until the close; return (code, reason)."""
+        while True:
+            msg = await self.ws.receive(timeout=timeout)
+            if msg.type is aiohttp.WSMsgType.CLOSE:
+                return int(msg.data), str(msg.extra or "")
+            if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING,
+                            aiohttp.WSMsgType.ERROR):
+                code = self.ws.close_code
+                return (code if code is not None else -1), ""
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                self.events.append(json.loads(msg.data))
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+def client_hello(session_id: str, role: str, peer_id: str, **overrides: Any) -> str:
+    """The JSON text of a valid client_hello, with fields overridden as asked."""
+    hello: dict[str, Any] = {
+        "type": "client_hello", "session_id": session_id, "role": role,
+        "protocol_version": 1, "client_nonce": base64.b64encode(os.urandom(16)).decode(),
+        "compression": ["none"], "peer_id": peer_id,
+    }
+    hello.update(overrides)
+    return json.dumps(hello)
+
+
+async def open_ws(http: aiohttp.ClientSession, url: str,
+                  **kwargs: Any) -> aiohttp.ClientWebSocketResponse:
+    """Open a WebSocket without compression and without client heartbeats."""
+    return await http.ws_connect(url, compress=0, autoping=True, max_msg_size=0,
+                                 timeout=aiohttp.ClientWSTimeout(ws_close=5.0), **kwargs)
+
+
+async def join(http: aiohttp.ClientSession, relay: Any, session_id: str, role: str,
+               peer_id: str, token: str | None = None) -> TestPeer:
+    """Connect, send the hello, wait for server_hello; return the joined peer."""
+    token = token if token is not None else relay.mint(session_id)
+    ws = await open_ws(http, relay.ws_url(session_id, token))
+    await ws.send_str(client_hello(session_id, role, peer_id))
+    peer = TestPeer(ws, session_id, role, peer_id)
+    msg = await ws.receive(timeout=RECEIVE_TIMEOUT_S)
+    if msg.type is not aiohttp.WSMsgType.TEXT:
+        raise UnexpectedMessage(f"expected server_hello, got {msg.type!r} {msg.data!r} "
+                                f"{msg.extra!r}")
+    peer.server_hello = json.loads(msg.data)
+    if peer.server_hello.get("type") != "server_hello":
+        raise UnexpectedMessage(f"expected server_hello, got {peer.server_hello}")
+    return peer
