@@ -10,7 +10,6 @@ audience and issuer; lifetime; time window; session id; capability.
 from __future__ import annotations
 
 import math
-import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from rescue.codes import ErrorCode, Refusal
+from rescue.hello import is_valid_session_id
 
 if TYPE_CHECKING:
     from rescue.config import Config
@@ -34,19 +34,12 @@ MAX_TTL_S = 300
 MAX_TOKEN_CHARS = 8192
 """Longer strings are refused before any parsing (a real token is a few hundred bytes)."""
 
-_SESSION_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
-
 # PyJWT checks the signature only; every claim is checked below, against the caller's clock.
 _DECODE_OPTIONS: Any = {
     "verify_signature": True, "verify_exp": False, "verify_nbf": False,
     "verify_iat": False, "verify_aud": False, "verify_iss": False,
     "verify_sub": False, "verify_jti": False, "require": [],
 }
-
-
-def is_valid_session_id(session_id: object) -> bool:
-    """Return whether ``session_id`` is 1-128 characters of ``A-Z a-z 0-9 . _ -``."""
-    return isinstance(session_id, str) and _SESSION_ID_RE.fullmatch(session_id) is not None
 
 
 @dataclass(frozen=True, slots=True)
