@@ -313,6 +313,10 @@ class Relay:
             code, reason = e.close_code, "evicted"
             log_event(log, "frame.refused", connection_id=peer.connection_id,
                       detail=e.detail)
+        except Exception:
+            code, reason = CloseCode.INTERNAL_ERROR, "evicted"
+            log.exception("relay.internal_error", extra={
+                "fields": {"connection_id": peer.connection_id}})
         finally:
             await self._finish(peer, code, reason)
 
