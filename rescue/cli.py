@@ -78,9 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args if args.command in ("serve", "config") else None)
         if args.command == "serve":
-            from rescue.server.app import serve
+            from supervisor.main import serve
 
-            return serve(config)
+            return serve(config, lambda: load_config(args))
         if args.command == "token":
             return _cmd_token(args, config)
         if args.config_command == "docs":

@@ -36,7 +36,9 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     host: Annotated[str, _m("Address the public WebSocket listener binds to.")] = "127.0.0.1"
     port: Annotated[int, _m("Port of the public WebSocket listener (0: any free port).",
                             ge=0, le=65535)] = 9443
-    workers: Annotated[int, _m("Worker processes (one event loop each).", ge=1, le=256)] = 1
+    workers: Annotated[int, _m(
+        "Worker processes (one event loop each); 0 means one per CPU core.",
+        ge=0, le=256)] = 0
     admin_host: Annotated[str, _m("Address of the admin listener (/debug/stats).")] = "127.0.0.1"
     admin_port: Annotated[int, _m("Port of the admin listener; 0 disables it.",
                                   ge=0, le=65535)] = 0
@@ -118,16 +120,41 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
 
     # --- operations --------------------------------------------------------------------
     drain_timeout_s: Annotated[float, _m(
-        "Deadline for closing every peer when the node drains (SIGTERM).", gt=0,
-        le=3600)] = 30.0
+        "Deadline for a worker's drain (SIGTERM, or the old generation on SIGHUP); peers "
+        "still connected then are dropped.", gt=0, le=3600)] = 30.0
+    drain_window_s: Annotated[float, _m(
+        "Peers of a draining worker are told to reconnect evenly over this window, so "
+        "they do not all come back at once.", ge=0, le=3600)] = 5.0
+    drain_reconnect_spread_ms: Annotated[int, _m(
+        "Each `draining` event carries a `reconnect_after_ms` drawn from 0 to this.",
+        ge=0, le=600000)] = 1000
+    handoff_hold_s: Annotated[float, _m(
+        "A connection handed to a restarting worker waits this long in its inbox before "
+        "it is answered 503.", gt=0, le=60)] = 5.0
+    worker_liveness_timeout_s: Annotated[float, _m(
+        "A worker whose event loop has not reported for this long is killed and replaced.",
+        gt=1, le=600)] = 10.0
     log_level: Annotated[Literal["debug", "info", "warning", "error"],
                          _m("Lowest log level written (JSON lines on stderr).")] = "info"
 
     def __post_init__(self) -> None:
+        if self.drain_window_s > self.drain_timeout_s:
+            raise ValueError(
+                "drain_window_s must not exceed drain_timeout_s "
+                f"({self.drain_window_s} > {self.drain_timeout_s})")
+        if self.max_connections_per_session < self.max_participants + 2:
+            raise ValueError(
+                "max_connections_per_session must leave room for a full session plus one "
+                "reconnecting peer (at least max_participants + 2 = "
+                f"{self.max_participants + 2}, got {self.max_connections_per_session})")
         if self.write_low_water_bytes >= self.write_high_water_bytes:
             raise ValueError(
                 "write_low_water_bytes must be below write_high_water_bytes "
                 f"({self.write_low_water_bytes} >= {self.write_high_water_bytes})")
+
+    def resolved_workers(self) -> int:
+        """Return the worker count, applying the one-per-core default."""
+        return self.workers or len(os.sched_getaffinity(0)) or 1
 
     def resolved_state_dir(self) -> Path:
         """Return the state directory, applying the XDG default when unset."""
@@ -176,7 +203,7 @@ def _describe(t: msgspec.inspect.Type) -> tuple[str, str, str]:
         if value is not None:
             parts.append(f"{sym} {value}")
     if isinstance(t, msgspec.inspect.LiteralType):
-        type_name = " | ".join(repr(v) for v in t.values)
+        type_name = " \\| ".join(repr(v) for v in t.values)
     else:
         type_name = {msgspec.inspect.IntType: "int", msgspec.inspect.FloatType: "float",
                      msgspec.inspect.BoolType: "bool", msgspec.inspect.StrType: "str"
@@ -270,7 +297,10 @@ def _explain(message: str, sources: Mapping[str, str]) -> str:
         field = rest.rstrip("`").split(".")[0].split("[")[0]
         source = sources.get(field, "default")
         return f"invalid setting `{field}` (from {source}): {reason}"
-    return f"invalid configuration: {message}"
+    named = [f"`{name}` from {source}" for name, source in sources.items()
+             if name in message]
+    origin = f" ({'; '.join(named)})" if named else ""
+    return f"invalid configuration{origin}: {message}"
 
 
 def reference_markdown() -> str:

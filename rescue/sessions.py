@@ -97,18 +97,26 @@ class Session(Generic[C]):
 
 
 @dataclass(frozen=True, slots=True)
+class Replaced(Generic[C]):
+    """A member a join displaced: close it with REPLACED and tell ``notify`` (``peer_left``)."""
+
+    member: Member[C]
+    notify: tuple[C, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class JoinResult(Generic[C]):
     """What a successful join implies for the I/O layer.
 
-    ``replaced`` must be closed with REPLACED; ``replaced_notify`` get ``peer_left``
-    (reason "replaced") for it; ``notify`` get ``peer_joined`` for the new member;
-    ``present`` are the counterparts the newcomer is told about.
+    ``replaced`` lists the members displaced (the same peer id, and the previous host
+    when a host joins; both when a participant comes back as host); ``notify`` get
+    ``peer_joined`` for the new member; ``present`` are the counterparts the newcomer
+    is told about.
     """
 
     member: Member[C]
     session: Session[C]
-    replaced: Member[C] | None
-    replaced_notify: tuple[C, ...]
+    replaced: tuple[Replaced[C], ...]
     notify: tuple[C, ...]
     present: tuple[Member[C], ...]
     host_present: bool
@@ -166,17 +174,17 @@ class Registry(Generic[C]):
         Raises :class:`SessionFull` when a new participant would exceed the limit. The
         reservation is not consumed; the caller still calls :meth:`release`.
         """
-        replaced = session._find(peer_id)
-        if replaced is None and role == HOST:
-            replaced = session.host
+        displaced = [m for m in (session._find(peer_id),
+                                 session.host if role == HOST else None) if m is not None]
+        displaced = list(dict.fromkeys(displaced))  # the same member may match twice
+        frees_participant = any(m.role == PARTICIPANT for m in displaced)
         if (role == PARTICIPANT and len(session.participants) >= self.max_participants
-                and (replaced is None or replaced.role != PARTICIPANT)):
+                and not frees_participant):
             raise SessionFull(session.session_id)
-        replaced_notify: tuple[C, ...] = ()
-        if replaced is not None:
-            session._remove(replaced)
-            session._refresh()
-            replaced_notify = session.counterparts(replaced.role)
+        for old in displaced:
+            session._remove(old)
+        session._refresh()
+        replaced = tuple(Replaced(old, session.counterparts(old.role)) for old in displaced)
         member = Member(role, peer_id, conn)
         if role == HOST:
             session.host = member
@@ -188,7 +196,7 @@ class Registry(Generic[C]):
                    else (() if session.host is None else (session.host,)))
         return JoinResult(
             member=member, session=session, replaced=replaced,
-            replaced_notify=replaced_notify, notify=session.counterparts(role),
+            notify=session.counterparts(role),
             present=present, host_present=session.host is not None and role != HOST,
             participant_count=len(session.participants) - (role == PARTICIPANT))
 

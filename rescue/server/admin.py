@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from dataclasses import asdict
 from typing import Any
 
 from aiohttp import web
@@ -25,6 +26,8 @@ def stats_snapshot(relay: Relay, session_id: str | None = None) -> dict[str, Any
         "oldest_session_age_s": None if oldest is None else round(loop_now - oldest, 3),
         "draining": relay.draining,
         "counters": relay.stats.as_dict(),
+        "intake": None if relay.intake is None else asdict(relay.intake),
+        "workers": relay.cluster,
     }
     if session_id is not None:
         session = relay.registry.get(session_id)

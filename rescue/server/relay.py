@@ -16,7 +16,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from aiohttp import WSMsgType, web
@@ -72,9 +72,14 @@ class RelayWebSocket(web.WebSocketResponse):
 class Relay:
     """All relay state of one worker process and the ``GET /ws`` handler."""
 
-    def __init__(self, config: Config, verifier: TokenVerifier) -> None:
+    def __init__(self, config: Config, verifier: TokenVerifier,
+                 owns: Callable[[str], bool] | None = None) -> None:
         self.config = config
         self.verifier = verifier
+        self.owns = owns
+        self.worker_slot = 0
+        self.intake: Any = None
+        self.cluster: list[dict[str, Any]] = []
         self.registry: Registry[Peer] = Registry(
             max_participants=config.max_participants,
             max_connections_per_session=config.max_connections_per_session,
@@ -108,6 +113,27 @@ class Relay:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def beat_stats(self) -> dict[str, Any]:
+        """The live numbers a worker reports to the supervisor every beat."""
+        out: dict[str, Any] = {
+            "slot": self.worker_slot, "pid": os.getpid(), "connections": self.connections,
+            "peers": len(self.peers), "sessions": len(self.registry),
+            "handshakes": self.handshakes, "draining": self.draining,
+            "messages_forwarded": self.stats.messages_forwarded,
+            "bytes_forwarded": self.stats.bytes_forwarded,
+        }
+        if self.intake is not None:
+            out.update(accepted=self.intake.accepted, handed_off=self.intake.handed_off,
+                       adopted=self.intake.adopted,
+                       handoff_failures=self.intake.handoff_failures)
+        return out
+
+    async def close_all_wait(self, timeout_s: float) -> None:
+        """Wait (bounded) for the background closes started so far to finish."""
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
+
     def detach(self, peer: Peer, reason: str) -> None:
         """Take ``peer`` out of its session and tell its counterparts (``peer_left``)."""
         self.peers.discard(peer)
@@ -134,6 +160,12 @@ class Relay:
             return self._refuse(r.error, r.detail, r.retry_after_s)
         loop = asyncio.get_running_loop()
         session_id = claims.sid
+        if self.owns is not None and not self.owns(session_id):
+            # Only a kept-alive connection first routed for another request gets here.
+            request.protocol.force_close()
+            return self._refuse(ErrorCode.OVERLOADED,
+                                "this connection reached a worker that does not own the "
+                                "session; reconnect on a new connection", retry_after_s=0)
         try:
             session = self.registry.reserve(session_id, loop.time())
         except TooManyConnections:
@@ -149,7 +181,9 @@ class Relay:
             try:
                 await ws.prepare(request)
             except web.HTTPException as e:
-                return self._refuse(ErrorCode.BAD_REQUEST, e.text or e.reason)
+                response = self._refuse(ErrorCode.BAD_REQUEST, e.text or e.reason)
+                response.headers["Sec-WebSocket-Version"] = "13"
+                return response
             transport = request.transport
             if transport is None:  # the client went away during the upgrade
                 return ws
@@ -227,11 +261,11 @@ class Relay:
             ack_nonce=hello.client_nonce, server_nonce=new_server_nonce(),
             heartbeat_s=self.config.heartbeat_s, connection_id=connection_id,
             host_present=joined.host_present, participants=joined.participant_count))
-        if joined.replaced is not None:
-            old = joined.replaced.conn
+        for replaced in joined.replaced:
+            old = replaced.member.conn
             old.member = None  # already out of the session; no second peer_left
             left = encode_peer_left(old.role, old.peer_id, "replaced")
-            for other in joined.replaced_notify:
+            for other in replaced.notify:
                 other.write_text(left)
             old.close(CloseCode.REPLACED, "replaced")
             self.stats.closes[CloseCode.REPLACED.name] += 1
@@ -241,7 +275,7 @@ class Relay:
         for present in joined.present:
             peer.write_text(encode_peer_joined(present.role, present.peer_id))
         log_event(log, "hello.accepted", connection_id=connection_id, role=peer.role,
-                  replaced=joined.replaced is not None)
+                  replaced=len(joined.replaced))
         return peer
 
     async def _relay(self, peer: Peer) -> None:

@@ -1,0 +1,271 @@
+"""A worker's intake: its own accept loop, the peek that routes, and the hand-off channel.
+
+Each worker accepts on its slot's listening socket (the supervisor owns it, so queued
+connections survive a worker restart). For each new connection it peeks at the request
+line without consuming it (``MSG_PEEK``), finds the ``session`` parameter and asks the
+ring which slot owns it. Its own slot: the socket goes to aiohttp through
+``loop.connect_accepted_socket``. Another slot: the file descriptor is passed with
+``socket.send_fds`` over that slot's ``SOCK_SEQPACKET`` inbox; no byte was read, so the
+owner serves the request as if it had accepted it. A hand-off waits in the inbox while
+the owner restarts; the owner answers 503 to hand-offs older than ``hold_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import msgspec
+
+from rescue.logs import log_event
+from rescue.peek import MAX_REQUEST_LINE, Route, route_request
+from rescue.ring import Ring
+
+log = logging.getLogger("rescue.acceptor")
+
+ACCEPT_BATCH = 64
+INBOX_BATCH = 64
+_STAMP = struct.Struct("!dI")  # sender's CLOCK_MONOTONIC seconds, sender slot
+_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_PEEK_RETRY_FIRST_S = 0.002
+_PEEK_RETRY_MAX_S = 0.05
+
+
+@dataclass(slots=True)
+class IntakeStats:
+    """Counters of a worker's intake."""
+
+    accepted: int = 0
+    served_local: int = 0
+    handed_off: int = 0
+    adopted: int = 0
+    handoff_failures: int = 0
+    handoffs_expired: int = 0
+    peek_timeouts: int = 0
+    accept_errors: int = 0
+
+
+def refuse_raw(conn: socket.socket, status: str, error: str, detail: str,
+               retry_after_s: int) -> None:
+    """Answer an unparsed connection with a JSON error, best effort, and close it."""
+    body = msgspec.json.encode({"error": error, "detail": detail})
+    head = (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+            f"Retry-After: {retry_after_s}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode()
+    with contextlib.suppress(OSError):
+        conn.send(head + body, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+    conn.close()
+
+
+class Acceptor:
+    """The intake of one worker slot; start and stop it with the supervisor's orders."""
+
+    def __init__(self, *, slot: int, ring: Ring[int], listener: socket.socket,
+                 inbox: socket.socket | None, outboxes: Mapping[int, socket.socket],
+                 serve: Callable[[socket.socket], None], peek_timeout_s: float,
+                 hold_s: float) -> None:
+        self.slot = slot
+        self.ring = ring
+        self.listener = listener
+        self.inbox = inbox
+        self.outboxes = outboxes
+        self.serve = serve
+        self.peek_timeout_s = peek_timeout_s
+        self.hold_s = hold_s
+        self.stats = IntakeStats()
+        self.running = False
+        self._loop = asyncio.get_running_loop()
+        self._pending: set[_Peek] = set()
+        self._last_resource_log = 0.0
+        self._resume_handle: asyncio.TimerHandle | None = None
+
+    # --- intake on/off -----------------------------------------------------------------
+    def start(self) -> None:
+        """Start accepting and adopting."""
+        if self.running:
+            return
+        self.running = True
+        self._loop.add_reader(self.listener.fileno(), self._on_accept)
+        if self.inbox is not None:
+            self._loop.add_reader(self.inbox.fileno(), self._on_inbox)
+
+    def stop(self) -> None:
+        """Stop accepting and adopting; connections being peeked are still routed."""
+        if not self.running:
+            return
+        self.running = False
+        self._loop.remove_reader(self.listener.fileno())
+        if self.inbox is not None:
+            self._loop.remove_reader(self.inbox.fileno())
+        if self._resume_handle is not None:
+            self._resume_handle.cancel()
+            self._resume_handle = None
+
+    # --- accept --------------------------------------------------------------------------
+    def _on_accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self.stats.accept_errors += 1
+                if e.errno in _RESOURCE_ERRNOS:
+                    self._pause_accepting(e)
+                    return
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                raise
+            conn.setblocking(False)
+            self.stats.accepted += 1
+            peek = _Peek(self, conn)
+            self._pending.add(peek)
+            peek.attempt()
+
+    def _pause_accepting(self, error: OSError) -> None:
+        """Out of file descriptors or memory: stop accepting for a moment, say so clearly."""
+        now = time.monotonic()
+        if now - self._last_resource_log > 5:
+            self._last_resource_log = now
+            log_event(log, "accept.resource_limit", level=logging.ERROR,
+                      error=errno.errorcode.get(error.errno or 0, str(error.errno)),
+                      detail="cannot accept more connections (file descriptor or memory "
+                             "limit); raise LimitNOFILE or lower max_connections")
+        self._loop.remove_reader(self.listener.fileno())
+
+        def resume() -> None:
+            self._resume_handle = None
+            if self.running:
+                self._loop.add_reader(self.listener.fileno(), self._on_accept)
+
+        self._resume_handle = self._loop.call_later(0.1, resume)
+
+    # --- routing -------------------------------------------------------------------------
+    def route(self, conn: socket.socket, session: str | None) -> None:
+        """Serve ``conn`` here or hand it to the slot that owns ``session``."""
+        owner = self.slot if session is None else self.ring.owner(session)
+        if owner == self.slot:
+            self.stats.served_local += 1
+            self.serve(conn)
+            return
+        outbox = self.outboxes.get(owner)
+        try:
+            if outbox is None:
+                raise OSError(errno.ENOENT, f"no inbox for slot {owner}")
+            socket.send_fds(outbox, [_STAMP.pack(time.monotonic(), self.slot)],
+                            [conn.fileno()], socket.MSG_DONTWAIT)
+        except OSError as e:
+            self.stats.handoff_failures += 1
+            log_event(log, "handoff.failed", level=logging.WARNING, owner=owner,
+                      error=errno.errorcode.get(e.errno or 0, str(e)))
+            refuse_raw(conn, "503 Service Unavailable", "overloaded",
+                       "the worker owning this session is unavailable", 1)
+            return
+        self.stats.handed_off += 1
+        conn.close()
+
+    # --- adopt ---------------------------------------------------------------------------
+    def _on_inbox(self) -> None:
+        assert self.inbox is not None
+        for _ in range(INBOX_BATCH):
+            try:
+                packet, fds, _flags, _addr = socket.recv_fds(self.inbox, 64, 4)
+            except (BlockingIOError, InterruptedError):
+                return
+            now = time.monotonic()
+            sent_at = _STAMP.unpack(packet)[0] if len(packet) == _STAMP.size else 0.0
+            for fd in fds:
+                conn = socket.socket(fileno=fd)
+                conn.setblocking(False)
+                if now - sent_at > self.hold_s:
+                    self.stats.handoffs_expired += 1
+                    refuse_raw(conn, "503 Service Unavailable", "draining",
+                               "the worker owning this session was restarting", 1)
+                    continue
+                self.stats.adopted += 1
+                self.serve(conn)
+
+    def pending_peeks(self) -> int:
+        """Connections accepted but not yet routed."""
+        return len(self._pending)
+
+
+class _Peek:
+    """Waits, without consuming, until a connection's request line is complete."""
+
+    __slots__ = ("acceptor", "conn", "deadline", "delay", "timer", "watching")
+
+    def __init__(self, acceptor: Acceptor, conn: socket.socket) -> None:
+        self.acceptor = acceptor
+        self.conn = conn
+        self.deadline = acceptor._loop.time() + acceptor.peek_timeout_s
+        self.delay = _PEEK_RETRY_FIRST_S
+        self.timer: asyncio.TimerHandle | None = None
+        self.watching = False
+
+    def attempt(self) -> None:
+        loop = self.acceptor._loop
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.watching:
+            loop.remove_reader(self.conn.fileno())
+            self.watching = False
+        try:
+            data = self.conn.recv(MAX_REQUEST_LINE, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            data = None
+        except OSError:
+            self._finish_closed()
+            return
+        if data == b"":
+            self._finish_closed()
+            return
+        if data is None:
+            # Nothing yet: wake on the first byte (or the deadline).
+            loop.add_reader(self.conn.fileno(), self.attempt)
+            self.watching = True
+            self.timer = loop.call_at(self.deadline, self._expire)
+            return
+        result = route_request(data)
+        if result.route is Route.NEED_MORE:
+            # Bytes are there but the line is not complete: poll with backoff (a readable
+            # socket would wake a reader at once, since peeking leaves the bytes queued).
+            if loop.time() >= self.deadline:
+                self._expire()
+                return
+            self.timer = loop.call_later(self.delay, self.attempt)
+            self.delay = min(self.delay * 2, _PEEK_RETRY_MAX_S)
+            return
+        self._done()
+        self.acceptor.route(self.conn, result.session if result.route is Route.SESSION
+                            else None)
+
+    def _expire(self) -> None:
+        if self.watching:
+            self.acceptor._loop.remove_reader(self.conn.fileno())
+            self.watching = False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.acceptor.stats.peek_timeouts += 1
+        self._done()
+        refuse_raw(self.conn, "408 Request Timeout", "bad_request",
+                   "no complete request line in time", 1)
+
+    def _finish_closed(self) -> None:
+        self._done()
+        self.conn.close()
+
+    def _done(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.acceptor._pending.discard(self)

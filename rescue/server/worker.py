@@ -1,0 +1,237 @@
+"""A relay worker process: runs after fork, on sockets the supervisor made.
+
+The supervisor gives each worker its slot's listening socket, the hand-off inboxes, and
+a control channel. The worker sets up aiohttp and its intake, reports :class:`Ready`,
+starts intake on :class:`Serve`, beats every second from its event loop (so a stuck
+loop is noticed), and on :class:`Drain` stops intake and moves its peers away at the
+pace of :class:`~rescue.drain.Drainer` before it exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
+import setproctitle
+import uvloop
+from aiohttp import web
+
+from rescue import control
+from rescue.codes import CloseCode
+from rescue.config import Config
+from rescue.drain import Drainer
+from rescue.hello import encode_draining
+from rescue.logs import configure_logging, log_event
+from rescue.ring import Ring
+from rescue.server.acceptor import Acceptor
+from rescue.server.admin import admin_app
+from rescue.server.app import (
+    HeaderDeadline,
+    build_app,
+    load_verifier,
+    quiet_aiohttp_server_errors,
+)
+from rescue.server.relay import Relay
+from rescue.server.sweeper import run_sweeper
+
+log = logging.getLogger("rescue.worker")
+
+BEAT_INTERVAL_S = 1.0
+DRAIN_TICK_S = 0.05
+
+
+@dataclass
+class WorkerSockets:
+    """Everything a worker inherits from the supervisor."""
+
+    slot: int
+    slot_ids: tuple[int, ...]
+    listener: socket.socket
+    inbox: socket.socket | None
+    outboxes: dict[int, socket.socket]
+    control: socket.socket
+    admin: socket.socket | None = None
+    inherited: list[socket.socket] = field(default_factory=list)
+
+
+class ControlChannel:
+    """The worker's end of its control socketpair, read by the event loop."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.messages: asyncio.Queue[control.Message | None] = asyncio.Queue()
+        sock.setblocking(False)
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        while True:
+            try:
+                packet = self.sock.recv(control.MAX_PACKET)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                packet = b""
+            if not packet:  # the supervisor is gone
+                asyncio.get_running_loop().remove_reader(self.sock.fileno())
+                self.messages.put_nowait(None)
+                return
+            try:
+                self.messages.put_nowait(control.decode(packet))
+            except msgspec.DecodeError:
+                log_event(log, "control.bad_packet", level=logging.ERROR)
+
+    def send(self, message: control.Message) -> None:
+        """Send one message; a full or closed channel is logged, never raised."""
+        try:
+            self.sock.send(control.encode(message), socket.MSG_DONTWAIT)
+        except OSError as e:
+            log_event(log, "control.send_failed", level=logging.WARNING, error=str(e))
+
+
+async def drain_peers(relay: Relay, drainer: Drainer) -> bool:
+    """Tell peers to reconnect at the drainer's pace; True if all left by the deadline."""
+    loop = asyncio.get_running_loop()
+    relay.draining = True
+    queue = sorted(relay.peers, key=lambda p: p.session.session_id)
+    drainer.start(loop.time(), len(queue))
+    log_event(log, "drain.started", peers=len(queue), window_s=drainer.window_s)
+    while True:
+        step = drainer.step(loop.time(), relay.connections)
+        if step.finished:
+            break
+        for _ in range(step.notify):
+            if not queue:
+                queue = sorted(relay.peers, key=lambda p: p.session.session_id)
+            if not queue:
+                break
+            peer = queue.pop(0)
+            if peer.closing:
+                continue
+            peer.write_text(encode_draining(drainer.reconnect_after_ms()))
+            relay.stats.closes[CloseCode.SERVER_SHUTDOWN.name] += 1
+            peer.close(CloseCode.SERVER_SHUTDOWN, "draining")
+        await asyncio.sleep(DRAIN_TICK_S)
+    completed = step.phase.value == "drained"
+    if not completed:
+        for peer in list(relay.peers):
+            peer.close(CloseCode.SERVER_SHUTDOWN, "draining")
+    log_event(log, "drain.completed" if completed else "drain.deadline",
+              level=logging.INFO if completed else logging.WARNING, left=relay.connections)
+    return completed
+
+
+def _serve_socket(relay: Relay, factory: Callable[[], asyncio.Protocol]
+                  ) -> Callable[[socket.socket], None]:
+    loop = asyncio.get_running_loop()
+
+    async def adopt(conn: socket.socket) -> None:
+        try:
+            await loop.connect_accepted_socket(factory, sock=conn)
+        except OSError:
+            conn.close()
+
+    def serve(conn: socket.socket) -> None:
+        relay.spawn(adopt(conn))
+
+    return serve
+
+
+async def run_worker(config: Config, sockets: WorkerSockets) -> int:
+    """Serve as the worker of ``sockets.slot`` until drained or stopped; return exit status."""
+    loop = asyncio.get_running_loop()
+    channel = ControlChannel(sockets.control)
+    ring = Ring(sockets.slot_ids)
+    slot = sockets.slot
+    relay = Relay(config, load_verifier(config), owns=lambda sid: ring.owner(sid) == slot)
+    relay.worker_slot = slot
+    deadline = HeaderDeadline(config.handshake_timeout_s, relay)
+    runner = web.AppRunner(build_app(relay, deadline.request_started), access_log=None,
+                           handle_signals=False, keepalive_timeout=15,
+                           shutdown_timeout=config.close_timeout_s)
+    await runner.setup()
+    assert runner.server is not None
+    acceptor = Acceptor(slot=slot, ring=ring, listener=sockets.listener, inbox=sockets.inbox,
+                        outboxes=sockets.outboxes,
+                        serve=_serve_socket(relay, deadline.wrap(runner.server)),
+                        peek_timeout_s=config.handshake_timeout_s,
+                        hold_s=config.handoff_hold_s)
+    relay.intake = acceptor.stats
+    admin_runner = None
+    if sockets.admin is not None:
+        admin_runner = web.AppRunner(admin_app(relay), access_log=None, handle_signals=False)
+        await admin_runner.setup()
+        assert admin_runner.server is not None
+        await loop.create_server(admin_runner.server, sock=sockets.admin)
+    sweeper = loop.create_task(run_sweeper(relay))
+
+    def beat() -> None:
+        channel.send(control.Beat(stats=relay.beat_stats()))
+
+    async def beats() -> None:
+        while True:
+            beat()
+            await asyncio.sleep(BEAT_INTERVAL_S)
+
+    beater = loop.create_task(beats())
+    loop.add_signal_handler(signal.SIGTERM, channel.messages.put_nowait,
+                            control.Drain(window_s=config.drain_window_s,
+                                          deadline_s=config.drain_timeout_s))
+    loop.add_signal_handler(signal.SIGQUIT, channel.messages.put_nowait, control.Stop())
+    channel.send(control.Ready())
+    status = 0
+    while True:
+        message = await channel.messages.get()
+        if isinstance(message, control.Serve):
+            acceptor.start()
+            log_event(log, "worker.serving", slot=slot)
+        elif isinstance(message, control.Cluster):
+            relay.cluster = message.workers
+        elif isinstance(message, control.Drain) or message is None:
+            acceptor.stop()
+            channel.send(control.IntakeStopped())
+            window = message.window_s if message else config.drain_window_s
+            deadline_s = message.deadline_s if message else config.drain_timeout_s
+            await drain_peers(relay, Drainer(
+                window_s=min(window, deadline_s), deadline_s=deadline_s,
+                spread_ms=config.drain_reconnect_spread_ms))
+            break
+        elif isinstance(message, control.Stop):
+            acceptor.stop()
+            relay.draining = True
+            for peer in list(relay.peers):
+                peer.close(CloseCode.GOING_AWAY, "closed")
+            break
+    beater.cancel()
+    sweeper.cancel()
+    for task in (beater, sweeper):
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await relay.close_all_wait(config.close_timeout_s + 1)
+    if admin_runner is not None:
+        await admin_runner.cleanup()
+    await runner.cleanup()
+    log_event(log, "worker.exiting", slot=slot)
+    return status
+
+
+def worker_main(config: Config, sockets: WorkerSockets, generation: int) -> int:
+    """The body of a forked worker process; returns the exit status for ``os._exit``."""
+    setproctitle.setproctitle(f"beach-rescue worker {sockets.slot} gen {generation}")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor owns Ctrl-C
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD, signal.SIGTTIN,
+                signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL)
+    configure_logging(config.log_level)
+    quiet_aiohttp_server_errors()
+    try:
+        return uvloop.run(run_worker(config, sockets))
+    except Exception:
+        log.exception("worker.crashed")
+        return 1
