@@ -9,6 +9,7 @@ tells whether senders must wait for this peer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -27,7 +28,7 @@ class Peer:
     """A connection that completed its hello and is a member of a session."""
 
     __slots__ = (
-        "_close_task", "_drain", "close_code", "closing", "connection_id", "data_msgs", "is_host",
+        "_close_task", "_drain", "_release", "close_code", "closing", "connection_id", "data_msgs", "held", "is_host",
         "member", "missed", "paused_since", "peer_id", "protocol", "rate", "relay",
         "role", "rx_bytes", "rx_msgs", "seen_data", "seen_data_at", "seen_rx", "session",
         "started_at", "transport", "tx_bytes", "tx_msgs", "ws",
@@ -54,6 +55,8 @@ class Peer:
         self.seen_data_at = self.started_at = now
         self.paused_since: float | None = None
         self._close_task: asyncio.Task[None] | None = None
+        self._release: asyncio.Future[None] | None = None
+        self.held = False  # the relay stopped reading this peer (its receivers are full)
         self._drain = protocol._drain_helper
         high = relay.config.write_high_water_bytes
         transport.set_write_buffer_limits(high=high, low=relay.config.write_low_water_bytes)
@@ -88,7 +91,7 @@ class Peer:
         return self.transport.get_write_buffer_size()
 
     async def wait_writable(self, deadline_s: float) -> bool:
-        """Wait until this peer's buffer is under the low-water mark.
+        """Wait until this peer's buffer is under the low-water mark, or it closes.
 
         Returns False if it stayed over the high-water mark until its slow-consumer
         deadline (measured from when it was first seen paused); the caller evicts it.
@@ -99,17 +102,20 @@ class Peer:
             self.paused_since = now
         remaining = self.paused_since + deadline_s - now
         if remaining > 0:
-            try:
-                async with asyncio.timeout(remaining):
-                    await self._drain()
-            except TimeoutError:
-                pass
-            except ConnectionError:
-                return True  # the peer is gone; its own task reports why
-        if self.protocol.writing_paused and not self.closing:
+            if self._release is None:
+                self._release = loop.create_future()
+            drained = self.relay.spawn(self._drain_quietly())
+            await asyncio.wait((drained, self._release), timeout=remaining)
+        if self.closing:
+            return True  # closed meanwhile; whoever closed it counted why
+        if self.protocol.writing_paused:
             return False
         self.paused_since = None
         return True
+
+    async def _drain_quietly(self) -> None:
+        with contextlib.suppress(ConnectionError):
+            await self._drain()
 
     # --- closing ---------------------------------------------------------------------
     def close(self, code: CloseCode, left_reason: str) -> None:
@@ -122,6 +128,8 @@ class Peer:
         self.relay.detach(self, left_reason)
         self.closing = True
         self.close_code = code
+        if self._release is not None and not self._release.done():
+            self._release.set_result(None)  # wake senders waiting for this peer to drain
         self._close_task = self.relay.spawn(self._close_ws(code))
 
     async def wait_closed(self) -> None:

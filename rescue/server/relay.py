@@ -39,6 +39,7 @@ from rescue.server.peer import Peer
 from rescue.server.stats import WorkerStats
 from rescue.sessions import Registry, SessionFull, TooManyConnections
 from rescue.tokens import TokenVerifier
+from rescue.wsframe import binary_frame
 
 log = logging.getLogger("rescue.relay")
 
@@ -313,21 +314,25 @@ class Relay:
                     if not receivers:
                         stats.frames_unrouted += 1
                         continue
+                    # One frame for every receiver: written now, in order, never queued.
+                    frame = binary_frame(data)
+                    delivered = 0
+                    paused = False
                     for receiver in receivers:
-                        if receiver.write_binary(data):
-                            stats.messages_forwarded += 1
-                            stats.bytes_forwarded += size
-                        else:
-                            stats.frames_to_closing += 1
-                    for receiver in receivers:
-                        if receiver.protocol.writing_paused and not receiver.closing:
-                            stats.flow_pauses += 1
-                            if not await receiver.wait_writable(slow_timeout):
-                                stats.slow_consumer_evictions += 1
-                                log_event(log, "peer.evicted", connection_id=receiver.connection_id,
-                                          buffered=receiver.write_buffer_size)
-                                receiver.close(CloseCode.SLOW_CONSUMER, "evicted")
-                                stats.closes[CloseCode.SLOW_CONSUMER.name] += 1
+                        if receiver.closing:
+                            continue
+                        receiver.transport.write(frame)
+                        receiver.tx_msgs += 1
+                        receiver.tx_bytes += size
+                        delivered += 1
+                        if receiver.protocol.writing_paused:
+                            paused = True
+                    stats.messages_forwarded += delivered
+                    stats.bytes_forwarded += size * delivered
+                    if delivered != len(receivers):
+                        stats.frames_to_closing += len(receivers) - delivered
+                    if paused:
+                        await self._wait_for_receivers(peer, receivers, slow_timeout)
                 elif kind_of_msg is _PING:
                     peer.rx_msgs += 1
                     peer.pong(msg.data)
@@ -353,6 +358,28 @@ class Relay:
                 "fields": {"connection_id": peer.connection_id}})
         finally:
             await self._finish(peer, code, reason)
+
+    async def _wait_for_receivers(self, sender: Peer, receivers: tuple[Peer, ...],
+                                  slow_timeout: float) -> None:
+        """Stop reading the sender until each paused receiver drains or is evicted."""
+        stats = self.stats
+        sender.held = True
+        try:
+            await self._drain_receivers(receivers, slow_timeout)
+        finally:
+            sender.held = False
+
+    async def _drain_receivers(self, receivers: tuple[Peer, ...], slow_timeout: float) -> None:
+        stats = self.stats
+        for receiver in receivers:
+            if receiver.protocol.writing_paused and not receiver.closing:
+                stats.flow_pauses += 1
+                if not await receiver.wait_writable(slow_timeout):
+                    stats.slow_consumer_evictions += 1
+                    log_event(log, "peer.evicted", connection_id=receiver.connection_id,
+                              buffered=receiver.write_buffer_size)
+                    receiver.close(CloseCode.SLOW_CONSUMER, "evicted")
+                    stats.closes[CloseCode.SLOW_CONSUMER.name] += 1
 
     async def _finish(self, peer: Peer, code: CloseCode, reason: str) -> None:
         if not peer.closing:

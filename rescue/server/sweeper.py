@@ -3,8 +3,8 @@
 One task per worker instead of timers per connection: every ``heartbeat_s`` it compares
 each peer's receive counters with the previous sweep. A peer that sent nothing since
 gets a WebSocket ping; after ``missed_heartbeats`` silent sweeps it is closed with
-IDLE_TIMEOUT. The same pass closes peers that relayed no frame for
-``data_idle_timeout_s``, evicts receivers stuck over the high-water mark past the
+IDLE_TIMEOUT. The same pass closes peers that neither sent nor received a relayed frame
+for ``data_idle_timeout_s``, evicts receivers stuck over the high-water mark past the
 slow-consumer deadline (when no sender is waiting on them), and drops sessions whose
 grace period ended.
 """
@@ -29,7 +29,12 @@ def sweep_once(relay: Relay, now: float) -> None:
     for peer in list(relay.peers):
         if peer.closing:
             continue
-        if peer.rx_msgs == peer.seen_rx:
+        if peer.held:
+            # The relay itself stopped reading this peer (flow control): not its silence.
+            peer.missed = 0
+            peer.seen_rx = peer.rx_msgs
+            peer.seen_data_at = now
+        elif peer.rx_msgs == peer.seen_rx:
             peer.missed += 1
             if peer.missed >= config.missed_heartbeats:
                 stats.idle_closes += 1
@@ -42,8 +47,9 @@ def sweep_once(relay: Relay, now: float) -> None:
         else:
             peer.missed = 0
             peer.seen_rx = peer.rx_msgs
-        if peer.data_msgs != peer.seen_data:
-            peer.seen_data = peer.data_msgs
+        activity = peer.data_msgs + peer.tx_msgs  # frames relayed in either direction
+        if activity != peer.seen_data:
+            peer.seen_data = activity
             peer.seen_data_at = now
         elif data_idle and now - peer.seen_data_at >= data_idle:
             stats.idle_closes += 1
