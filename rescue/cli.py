@@ -17,8 +17,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"beach-rescue {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the relay")
+    serve = commands.add_parser("serve", help="run the relay (supervisor and workers)")
     add_arguments(serve)
+    control_plane = commands.add_parser(
+        "control-plane", help="run the token API alone (for a fleet of relay nodes)")
+    add_arguments(control_plane)
 
     token = commands.add_parser("token", help="manage signing keys and mint tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True)
@@ -76,11 +79,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit status."""
     args = _parser().parse_args(argv)
     try:
-        config = load_config(args if args.command in ("serve", "config") else None)
+        config = load_config(args if args.command in ("serve", "control-plane", "config")
+                             else None)
         if args.command == "serve":
             from supervisor.main import serve
 
             return serve(config, lambda: load_config(args))
+        if args.command == "control-plane":
+            from rescue.controlplane.service import serve_control_plane
+
+            return serve_control_plane(config)
         if args.command == "token":
             return _cmd_token(args, config)
         if args.config_command == "docs":

@@ -118,6 +118,54 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
         "Connections per worker still in their handshake; past it upgrades get 503.",
         ge=1)] = 512
 
+    # --- control plane (token API, guardrails, kill switch) -------------------------------
+    control_plane: Annotated[bool, _m(
+        "Serve the control-plane API (`/v1/...`) on this node's public port (the "
+        "single-machine setup); off when a separate `beach-rescue control-plane` runs."
+        )] = True
+    redis_url: Annotated[str, _m(
+        "Redis for guardrail counters and the kill switch (`redis://host:port/db`); empty: "
+        "in-process memory, served by worker slot 0 (one machine only).")] = ""
+    redis_timeout_s: Annotated[float, _m("Timeout of each Redis operation and connect.",
+                                         gt=0, le=30)] = 0.5
+    signing_keys: Annotated[str, _m(
+        "Directory of Ed25519 private keys (`<kid>.key`) the token API signs with (the "
+        "newest); empty: development keys in `<state_dir>/keys`.")] = ""
+    service_keys: Annotated[str, _m(
+        "Comma-separated bearer keys allowed to call the token API; empty: every call is "
+        "refused (401).")] = ""
+    relay_url: Annotated[str, _m(
+        "`relay_url` returned with tokens; empty: `ws://<host>:<port>/ws`.")] = ""
+    token_ttl_s: Annotated[int, _m("Lifetime of minted relay tokens, seconds.",
+                                   ge=10, le=300)] = 300
+    guardrail_threshold: Annotated[float, _m(
+        "Fallback tokens / sessions per cohort and hour at or above which a token is "
+        "marked `soft_breach`.", gt=0, le=1)] = 0.005
+    guardrail_hard_threshold: Annotated[float, _m(
+        "Ratio at or above which the fallback pauses itself (kill switch on); 0 disables.",
+        ge=0, le=1)] = 0.0
+    fallback_paused: Annotated[bool, _m(
+        "Force the kill switch on, whatever the store says.")] = False
+    store_fail_open: Annotated[bool, _m(
+        "Issue tokens while the store is unreachable (uncounted, marked in the response) "
+        "instead of answering 503 `store_unavailable`.")] = False
+    pause_poll_s: Annotated[float, _m(
+        "How long a worker caches the kill switch before reading it again.",
+        gt=0, le=60)] = 1.0
+    entitlement_jwks: Annotated[str, _m(
+        "JWKS file of the identity provider; when set, token requests must carry an "
+        "`entitlement_proof` JWT granting `rescue:fallback`.")] = ""
+    disable_oidc: Annotated[bool, _m(
+        "Skip the entitlement proof check (development only; refused with "
+        "`production`).")] = False
+    production: Annotated[bool, _m(
+        "Refuse development shortcuts (disable_oidc, development keys).")] = False
+    mint_rate_per_session_per_min: Annotated[float, _m(
+        "Tokens one session id may get per minute (burst of the same size).", gt=0)] = 30.0
+    mint_rate_per_service_key_per_s: Annotated[float, _m(
+        "Token requests one service key may make per second (burst of twice that).",
+        gt=0)] = 200.0
+
     # --- operations --------------------------------------------------------------------
     drain_timeout_s: Annotated[float, _m(
         "Deadline for a worker's drain (SIGTERM, or the old generation on SIGHUP); peers "
@@ -138,6 +186,13 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
                          _m("Lowest log level written (JSON lines on stderr).")] = "info"
 
     def __post_init__(self) -> None:
+        if self.production:
+            if self.disable_oidc:
+                raise ValueError("disable_oidc is refused when production is set")
+            if not self.token_keys:
+                raise ValueError("production needs token_keys (development keys are refused)")
+            if self.control_plane and not self.signing_keys:
+                raise ValueError("production with control_plane needs signing_keys")
         if self.drain_window_s > self.drain_timeout_s:
             raise ValueError(
                 "drain_window_s must not exceed drain_timeout_s "

@@ -5,7 +5,8 @@ peers are told ``draining`` and closed with 1012 a batch at a time, evenly over
 ``window_s``, each with a ``reconnect_after_ms`` hint jittered over ``spread_ms``. The
 worker is done when its last peer has gone, or at ``deadline_s`` (then the rest are
 dropped). Sans-I/O: the worker calls :meth:`Drainer.step` on a timer with the loop time
-and the count of peers still connected, and does what the returned step says.
+and the counts of connections still open and of peers not yet told, and does
+what the returned step says.
 
 States::
 
@@ -66,27 +67,27 @@ class Drainer:
         self.started_at = now
         self.total = peers
 
-    def step(self, now: float, remaining: int) -> Step:
-        """Advance to ``now`` with ``remaining`` peers connected; return what to do."""
-        if self.phase is Phase.DRAINING:
-            if remaining == 0:
-                self.phase = Phase.DRAINED
-            elif now - self.started_at >= self.deadline_s:
-                self.phase = Phase.EXPIRED
+    def step(self, now: float, connected: int, unnotified: int) -> Step:
+        """Advance to ``now``; return how many of the ``unnotified`` peers to tell now.
+
+        ``connected`` counts every connection still open (notified peers on their way
+        out and handshakes included); the drain is complete when it reaches 0. At the
+        deadline the step is EXPIRED and still names the peers never told, so the worker
+        can send them the hint before it drops everything.
+        """
+        if self.phase is Phase.DRAINING and connected == 0:
+            self.phase = Phase.DRAINED
         if self.phase is not Phase.DRAINING:
             return Step(self.phase, 0)
         elapsed = now - self.started_at
-        if self.window_s <= 0 or elapsed >= self.window_s:
-            due = self.total
+        if elapsed >= self.window_s:
+            batch = unnotified  # the window is over: everyone left, late joiners too
         else:
             due = max(1, math.ceil(self.total * elapsed / self.window_s))
-        # Peers that joined after the start (none should: admission refuses while
-        # draining) or that were never counted are notified at the end of the window.
-        due = min(due, self.total) if elapsed < self.window_s else max(due, self.notified
-                                                                        + remaining)
-        batch = max(0, due - self.notified)
-        batch = min(batch, remaining)
+            batch = max(0, min(due - self.notified, unnotified))
         self.notified += batch
+        if elapsed >= self.deadline_s:
+            self.phase = Phase.EXPIRED
         return Step(self.phase, batch)
 
     def reconnect_after_ms(self) -> int:

@@ -2,7 +2,9 @@
 
 A worker peeks (``MSG_PEEK``) at a new connection's first bytes to learn which slot owns
 it before any HTTP parsing happens. Only the request line is needed: the ``session``
-query parameter is what routes a connection. The value is decoded exactly as aiohttp
+query parameter is what routes a connection (and a ``/v1/`` path marks a control-plane
+request, which has a home slot of its own when the control plane keeps its state in
+memory). The value is decoded exactly as aiohttp
 decodes ``request.query`` (first occurrence, percent-decoding), so the worker that serves
 the request sees the same session id the router hashed.
 """
@@ -23,6 +25,7 @@ class Route(enum.Enum):
     NEED_MORE = "need_more"  # no complete request line yet
     LOCAL = "local"  # no session (health, garbage, too long): serve where it landed
     SESSION = "session"  # route by ``session``
+    CONTROL = "control"  # a control-plane request (``/v1/...``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,21 +38,25 @@ class PeekResult:
 
 NEED_MORE = PeekResult(Route.NEED_MORE)
 LOCAL = PeekResult(Route.LOCAL)
+CONTROL = PeekResult(Route.CONTROL)
+CONTROL_PREFIX = b"/v1/"
 
 
 def route_request(data: bytes) -> PeekResult:
     """Decide the route of a connection whose first bytes are ``data``."""
-    end = data.find(b"\n")
+    end = data.find(b"\n", 0, MAX_REQUEST_LINE)
     if end < 0:
         return NEED_MORE if len(data) < MAX_REQUEST_LINE else LOCAL
     parts = data[:end].rstrip(b"\r").split(b" ")
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
         return LOCAL
-    target = parts[1]
+    target = parts[1].split(b"#", 1)[0]
+    if target.startswith(CONTROL_PREFIX):
+        return CONTROL
     query_at = target.find(b"?")
     if query_at < 0:
         return LOCAL
-    query = target[query_at + 1:].split(b"#", 1)[0]
+    query = target[query_at + 1:]
     try:
         pairs = parse_qsl(query.decode("ascii"), keep_blank_values=True)
     except (UnicodeDecodeError, ValueError):

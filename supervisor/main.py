@@ -11,6 +11,7 @@ import setproctitle
 
 from rescue import keys
 from rescue.config import Config, ConfigError
+from rescue.controlplane import service as controlplane
 from rescue.logs import configure_logging, log_event
 from rescue.server.app import load_verifier
 from rescue.server.worker import worker_main
@@ -32,6 +33,8 @@ def checked(config: Config) -> Config:
         load_verifier(config)
     except keys.KeyStoreError as e:
         raise ConfigError(f"token keys: {e}") from None
+    if config.control_plane:
+        controlplane.check(config)
     nofile = raise_nofile_limit()
     if config.max_connections > nofile - FD_RESERVE:
         clamped = max(1, nofile - FD_RESERVE)

@@ -18,8 +18,9 @@ class Notifier:
         self.address = address if address is not None else os.environ.get("NOTIFY_SOCKET", "")
         watchdog_usec = os.environ.get("WATCHDOG_USEC", "")
         watchdog_pid = os.environ.get("WATCHDOG_PID", "")
-        self.watchdog_s = (int(watchdog_usec) / 1e6 if watchdog_usec.isdigit() and
-                           (not watchdog_pid or watchdog_pid == str(os.getpid())) else None)
+        usec = int(watchdog_usec) if watchdog_usec.isascii() and watchdog_usec.isdigit() else 0
+        mine = not watchdog_pid or watchdog_pid == str(os.getpid())
+        self.watchdog_s = usec / 1e6 if usec > 0 and mine else None
         self._sock: socket.socket | None = None
 
     @property

@@ -108,7 +108,7 @@ class SlotTable:
         return min(times, default=None)
 
     def stuck(self, now: float, deadline_s: float) -> list[Worker]:
-        """Serving or ready workers whose last heartbeat is older than ``deadline_s``."""
+        """Ready, serving or draining workers whose last beat is older than ``deadline_s``."""
         return [w for w in self.workers.values()
                 if w.state in (WorkerState.READY, WorkerState.SERVING, WorkerState.DRAINING)
                 and now - w.last_beat > deadline_s]

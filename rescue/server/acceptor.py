@@ -70,7 +70,7 @@ class Acceptor:
     def __init__(self, *, slot: int, ring: Ring[int], listener: socket.socket,
                  inbox: socket.socket | None, outboxes: Mapping[int, socket.socket],
                  serve: Callable[[socket.socket], None], peek_timeout_s: float,
-                 hold_s: float) -> None:
+                 hold_s: float, control_slot: int | None = None) -> None:
         self.slot = slot
         self.ring = ring
         self.listener = listener
@@ -79,6 +79,7 @@ class Acceptor:
         self.serve = serve
         self.peek_timeout_s = peek_timeout_s
         self.hold_s = hold_s
+        self.control_slot = control_slot
         self.stats = IntakeStats()
         self.running = False
         self._loop = asyncio.get_running_loop()
@@ -148,9 +149,15 @@ class Acceptor:
         self._resume_handle = self._loop.call_later(0.1, resume)
 
     # --- routing -------------------------------------------------------------------------
-    def route(self, conn: socket.socket, session: str | None) -> None:
-        """Serve ``conn`` here or hand it to the slot that owns ``session``."""
-        owner = self.slot if session is None else self.ring.owner(session)
+    def route(self, conn: socket.socket, session: str | None, control: bool = False) -> None:
+        """Serve ``conn`` here or hand it to the slot that owns ``session``.
+
+        Control-plane requests go to ``control_slot`` when one is set.
+        """
+        if control:
+            owner = self.slot if self.control_slot is None else self.control_slot
+        else:
+            owner = self.slot if session is None else self.ring.owner(session)
         if owner == self.slot:
             self.stats.served_local += 1
             self.serve(conn)
@@ -245,8 +252,9 @@ class _Peek:
             self.delay = min(self.delay * 2, _PEEK_RETRY_MAX_S)
             return
         self._done()
-        self.acceptor.route(self.conn, result.session if result.route is Route.SESSION
-                            else None)
+        self.acceptor.route(self.conn,
+                            result.session if result.route is Route.SESSION else None,
+                            control=result.route is Route.CONTROL)
 
     def _expire(self) -> None:
         if self.watching:

@@ -20,6 +20,7 @@ from aiohttp.web_protocol import RequestHandler
 from rescue import __version__, keys
 from rescue.codes import ErrorCode
 from rescue.config import Config
+from rescue.controlplane.api import ControlPlane
 from rescue.server.relay import Relay, error_response
 from rescue.tokens import TokenVerifier
 
@@ -31,8 +32,15 @@ FD_RESERVE = 64
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def build_app(relay: Relay, on_request: Callable[[web.Request], None]) -> web.Application:
-    """The public application: ``/ws``, ``/healthz``, ``/readyz``; JSON errors elsewhere."""
+def build_app(relay: Relay, on_request: Callable[[web.Request], None],
+              control: ControlPlane | None = None,
+              control_elsewhere: bool = False) -> web.Application:
+    """The public application: ``/ws``, ``/healthz``, ``/readyz``; JSON errors elsewhere.
+
+    ``control`` mounts the control-plane API; ``control_elsewhere`` answers ``/v1/``
+    requests with 503 because another worker slot serves them (a kept-alive connection
+    that was routed for another request).
+    """
 
     @web.middleware
     async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -54,10 +62,20 @@ def build_app(relay: Relay, on_request: Callable[[web.Request], None]) -> web.Ap
         body = _health(relay)
         return web.json_response(body, status=503 if relay.draining else 200)
 
-    app = web.Application(middlewares=[json_errors], client_max_size=4096)
+    app = web.Application(middlewares=[json_errors], client_max_size=16384)
     app.router.add_get("/ws", relay.handle_ws)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if control is not None:
+        control.add_routes(app)
+    elif control_elsewhere:
+        async def misrouted(request: web.Request) -> web.Response:
+            request.protocol.force_close()
+            return error_response(ErrorCode.OVERLOADED, "control-plane requests are served "
+                                  "by another worker; reconnect on a new connection",
+                                  retry_after_s=0)
+
+        app.router.add_route("*", "/v1/{tail:.*}", misrouted)
     return app
 
 
@@ -68,6 +86,7 @@ def _health(relay: Relay) -> dict[str, Any]:
         "uptime_s": round(time.time() - relay.started_at, 3),
         "connections": relay.connections,
         "sessions": len(relay.registry),
+        "fallback_paused": relay.pause.value,
     }
 
 

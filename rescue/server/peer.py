@@ -28,10 +28,11 @@ class Peer:
     """A connection that completed its hello and is a member of a session."""
 
     __slots__ = (
-        "_close_task", "_drain", "_release", "close_code", "closing", "connection_id", "data_msgs", "held", "is_host",
-        "member", "missed", "paused_since", "peer_id", "protocol", "rate", "relay",
-        "role", "rx_bytes", "rx_msgs", "seen_data", "seen_data_at", "seen_rx", "session",
-        "started_at", "transport", "tx_bytes", "tx_msgs", "ws",
+        "_close_task", "_drain", "_release", "close_code", "closing", "connection_id",
+        "data_msgs", "held", "is_host", "member", "missed", "paused_since", "peer_id",
+        "protocol", "rate", "relay", "role", "rx_bytes", "rx_msgs", "seen_data",
+        "seen_data_at", "seen_rx", "session", "started_at", "transport", "tx_bytes",
+        "tx_msgs", "ws",
     )
 
     def __init__(self, relay: Relay, ws: web.WebSocketResponse, transport: asyncio.Transport,

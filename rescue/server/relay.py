@@ -24,6 +24,7 @@ from aiohttp import WSMsgType, web
 from rescue.admission import Load, UpgradeRequest, admit
 from rescue.codes import CloseCode, ErrorCode, Refusal
 from rescue.config import Config
+from rescue.controlplane.store import Pause
 from rescue.frames import FrameError, check_frame
 from rescue.hello import (
     HelloError,
@@ -89,7 +90,7 @@ class Relay:
         self.peers: set[Peer] = set()
         self.handshakes = 0
         self.draining = False
-        self.paused = False
+        self.pause = Pause.SOFT if config.fallback_paused else Pause.OFF
         self.started_at = time.time()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ids = itertools.count(1)
@@ -102,7 +103,7 @@ class Relay:
 
     def load(self) -> Load:
         """The worker's load as admission sees it."""
-        return Load(draining=self.draining, paused=self.paused,
+        return Load(draining=self.draining, paused=self.pause is not Pause.OFF,
                     connections=self.connections, handshakes=self.handshakes,
                     max_connections=self.config.max_connections,
                     max_handshakes=self.config.max_handshakes)
@@ -114,12 +115,27 @@ class Relay:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def set_pause(self, pause: Pause) -> None:
+        """Apply the kill switch: refuse new connections; on HARD also close existing ones."""
+        if self.config.fallback_paused and pause is Pause.OFF:
+            pause = Pause.SOFT
+        previous, self.pause = self.pause, pause
+        if pause is previous:
+            return
+        log_event(log, "kill_switch.applied", level=logging.WARNING, state=pause.value,
+                  peers=len(self.peers))
+        if pause is Pause.HARD:
+            for peer in list(self.peers):
+                self.stats.closes[CloseCode.GUARDRAIL_TRIPPED.name] += 1
+                peer.close(CloseCode.GUARDRAIL_TRIPPED, "paused")
+
     def beat_stats(self) -> dict[str, Any]:
         """The live numbers a worker reports to the supervisor every beat."""
         out: dict[str, Any] = {
             "slot": self.worker_slot, "pid": os.getpid(), "connections": self.connections,
             "peers": len(self.peers), "sessions": len(self.registry),
             "handshakes": self.handshakes, "draining": self.draining,
+            "pause": self.pause.value,
             "messages_forwarded": self.stats.messages_forwarded,
             "bytes_forwarded": self.stats.bytes_forwarded,
         }
@@ -362,7 +378,6 @@ class Relay:
     async def _wait_for_receivers(self, sender: Peer, receivers: tuple[Peer, ...],
                                   slow_timeout: float) -> None:
         """Stop reading the sender until each paused receiver drains or is evicted."""
-        stats = self.stats
         sender.held = True
         try:
             await self._drain_receivers(receivers, slow_timeout)

@@ -25,7 +25,10 @@ from aiohttp import web
 from rescue import control
 from rescue.codes import CloseCode
 from rescue.config import Config
-from rescue.drain import Drainer
+from rescue.controlplane import service as controlplane
+from rescue.controlplane.api import PauseCache
+from rescue.controlplane.store import Pause
+from rescue.drain import Drainer, Phase
 from rescue.hello import encode_draining
 from rescue.logs import configure_logging, log_event
 from rescue.ring import Ring
@@ -98,32 +101,37 @@ async def drain_peers(relay: Relay, drainer: Drainer) -> bool:
     """Tell peers to reconnect at the drainer's pace; True if all left by the deadline."""
     loop = asyncio.get_running_loop()
     relay.draining = True
-    queue = sorted(relay.peers, key=lambda p: p.session.session_id)
-    drainer.start(loop.time(), len(queue))
-    log_event(log, "drain.started", peers=len(queue), window_s=drainer.window_s)
+    drainer.start(loop.time(), len(relay.peers))
+    log_event(log, "drain.started", peers=len(relay.peers), window_s=drainer.window_s)
     while True:
-        step = drainer.step(loop.time(), relay.connections)
-        if step.finished:
-            break
-        for _ in range(step.notify):
-            if not queue:
-                queue = sorted(relay.peers, key=lambda p: p.session.session_id)
-            if not queue:
-                break
-            peer = queue.pop(0)
-            if peer.closing:
-                continue
+        step = drainer.step(loop.time(), relay.connections, len(relay.peers))
+        # Sessions together: both sides of a session reconnect at about the same time.
+        for peer in sorted(relay.peers, key=lambda p: p.session.session_id)[:step.notify]:
             peer.write_text(encode_draining(drainer.reconnect_after_ms()))
             relay.stats.closes[CloseCode.SERVER_SHUTDOWN.name] += 1
             peer.close(CloseCode.SERVER_SHUTDOWN, "draining")
+        if step.finished:
+            break
         await asyncio.sleep(DRAIN_TICK_S)
-    completed = step.phase.value == "drained"
-    if not completed:
-        for peer in list(relay.peers):
-            peer.close(CloseCode.SERVER_SHUTDOWN, "draining")
+    completed = step.phase is Phase.DRAINED
     log_event(log, "drain.completed" if completed else "drain.deadline",
               level=logging.INFO if completed else logging.WARNING, left=relay.connections)
     return completed
+
+
+async def watch_pause(relay: Relay, cache: PauseCache | None, interval_s: float) -> None:
+    """Keep ``relay.pause`` current: from the store, or from slot 0 via the supervisor."""
+    while True:
+        if cache is not None:
+            relay.set_pause(await cache.get())
+        else:
+            home = next((w for w in relay.cluster if w.get("slot") == 0
+                         and w.get("state") == "serving"), None)
+            if home is not None and home.get("pause") in Pause._value2member_map_:
+                relay.set_pause(Pause(home["pause"]))
+            else:
+                relay.set_pause(relay.pause)  # keep the last known state
+        await asyncio.sleep(interval_s)
 
 
 def _serve_socket(relay: Relay, factory: Callable[[], asyncio.Protocol]
@@ -151,8 +159,16 @@ async def run_worker(config: Config, sockets: WorkerSockets) -> int:
     relay = Relay(config, load_verifier(config), owns=lambda sid: ring.owner(sid) == slot)
     relay.worker_slot = slot
     deadline = HeaderDeadline(config.handshake_timeout_s, relay)
-    runner = web.AppRunner(build_app(relay, deadline.request_started), access_log=None,
-                           handle_signals=False, keepalive_timeout=15,
+    # Without Redis the control plane's state lives in slot 0's memory, so slot 0 serves
+    # /v1 and the other workers learn the kill switch from the supervisor's broadcasts.
+    memory_mode = not config.redis_url
+    control_slot = 0 if memory_mode else None
+    store = controlplane.make_store(config) if (config.redis_url or slot == 0) else None
+    api = (controlplane.build(config, store, sockets.listener.getsockname()[1])
+           if config.control_plane and store is not None else None)
+    app = build_app(relay, deadline.request_started, api,
+                    control_elsewhere=config.control_plane and api is None)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=15,
                            shutdown_timeout=config.close_timeout_s)
     await runner.setup()
     assert runner.server is not None
@@ -160,7 +176,7 @@ async def run_worker(config: Config, sockets: WorkerSockets) -> int:
                         outboxes=sockets.outboxes,
                         serve=_serve_socket(relay, deadline.wrap(runner.server)),
                         peek_timeout_s=config.handshake_timeout_s,
-                        hold_s=config.handoff_hold_s)
+                        hold_s=config.handoff_hold_s, control_slot=control_slot)
     relay.intake = acceptor.stats
     admin_runner = None
     if sockets.admin is not None:
@@ -169,6 +185,10 @@ async def run_worker(config: Config, sockets: WorkerSockets) -> int:
         assert admin_runner.server is not None
         await loop.create_server(admin_runner.server, sock=sockets.admin)
     sweeper = loop.create_task(run_sweeper(relay))
+    pause_cache = (api.pause if api is not None else
+                   PauseCache(store, config.pause_poll_s, config.fallback_paused)
+                   if store is not None else None)
+    pause_watch = loop.create_task(watch_pause(relay, pause_cache, config.pause_poll_s))
 
     def beat() -> None:
         channel.send(control.Beat(stats=relay.beat_stats()))
@@ -207,15 +227,17 @@ async def run_worker(config: Config, sockets: WorkerSockets) -> int:
             for peer in list(relay.peers):
                 peer.close(CloseCode.GOING_AWAY, "closed")
             break
-    beater.cancel()
-    sweeper.cancel()
-    for task in (beater, sweeper):
+    for task in (beater, sweeper, pause_watch):
+        task.cancel()
+    for task in (beater, sweeper, pause_watch):
         with contextlib.suppress(asyncio.CancelledError):
             await task
     await relay.close_all_wait(config.close_timeout_s + 1)
     if admin_runner is not None:
         await admin_runner.cleanup()
     await runner.cleanup()
+    if store is not None:
+        await store.close()
     log_event(log, "worker.exiting", slot=slot)
     return status
 

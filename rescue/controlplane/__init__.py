@@ -1,0 +1,1 @@
+"""The control plane: fallback tokens, guardrails and the kill switch (protocol section 7)."""

@@ -1,0 +1,333 @@
+"""The control-plane HTTP API (protocol section 7) as an aiohttp application.
+
+- ``POST /v1/fallback/token``: a service (bearer service key) asks for a relay token for a
+  session; the guardrail counts it; the kill switch and the entitlement proof can refuse.
+- ``POST /v1/sessions``: a service counts a session created (the guardrail denominator).
+- ``POST /v1/admin/pause`` / ``resume``: the kill switch (bearer admin key).
+- ``GET /v1/status``: the kill switch and this hour's guardrail numbers per asked cohort.
+
+Every refusal is the contract's JSON error body. Tokens never reach the logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from rescue.admission import bearer_token
+from rescue.config import Config
+from rescue.controlplane.entitlement import EntitlementError, EntitlementVerifier
+from rescue.controlplane.guardrail import BreachLog, GuardrailState, evaluate
+from rescue.controlplane.store import Pause, Store, StoreUnavailable
+from rescue.hello import is_valid_session_id
+from rescue.keys import SigningKey
+from rescue.logs import log_event
+from rescue.ratelimit import TokenBucket
+from rescue.tokens import CAP_FALLBACK_WS, CAP_TELEMETRY, mint_token
+
+log = logging.getLogger("rescue.controlplane")
+
+MAX_TRACKED_SESSIONS = 100_000
+
+
+class TokenRequest(msgspec.Struct, frozen=True):
+    """Body of ``POST /v1/fallback/token``."""
+
+    session_id: str
+    cohort_id: str = "public"
+    client_version: str = ""
+    entitlement_proof: str | None = None
+    telemetry_opt_in: bool = False
+
+
+class SessionRequest(msgspec.Struct, frozen=True):
+    """Body of ``POST /v1/sessions``."""
+
+    cohort_id: str = "public"
+    session_id: str | None = None
+
+
+class PauseRequest(msgspec.Struct, frozen=True):
+    """Body of ``POST /v1/admin/pause`` (optional)."""
+
+    hard: bool = False
+
+
+def api_error(status: int, error: str, detail: str,
+              retry_after_s: int | None = None) -> web.Response:
+    """The contract's JSON error response."""
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+    return web.json_response({"error": error, "detail": detail}, status=status,
+                             headers=headers)
+
+
+def rfc3339(ts: float) -> str:
+    """``ts`` (unix seconds) as an RFC 3339 UTC timestamp."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+class PauseCache:
+    """The kill switch as read from the store, cached for ``ttl_s``; the config overrides.
+
+    When the store cannot be read the last known state is kept (the relay keeps its
+    behaviour through a Redis outage).
+    """
+
+    def __init__(self, store: Store, ttl_s: float, forced: bool,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.ttl_s = ttl_s
+        self.forced = forced
+        self.clock = clock
+        self.state = Pause.OFF
+        self.fetched_at = float("-inf")
+        self.healthy = True
+
+    async def get(self) -> Pause:
+        """The current kill switch (SOFT at least when forced by configuration)."""
+        now = self.clock()
+        if now - self.fetched_at >= self.ttl_s:
+            self.fetched_at = now
+            try:
+                self.state = await self.store.pause_state()
+                self.healthy = True
+            except StoreUnavailable:
+                self.healthy = False
+        if self.forced and self.state is Pause.OFF:
+            return Pause.SOFT
+        return self.state
+
+    def invalidate(self) -> None:
+        """Forget the cached value (after this process changed the switch)."""
+        self.fetched_at = float("-inf")
+
+
+class _Buckets:
+    """Token buckets by key, bounded (least recently used dropped)."""
+
+    def __init__(self, rate: float, burst: float, capacity: int) -> None:
+        self.rate, self.burst, self.capacity = rate, burst, capacity
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def allow(self, key: str, now: float) -> bool:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, now)
+            if len(self._buckets) > self.capacity:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+        return bucket.take(1, now)
+
+
+class ControlPlane:
+    """The token API's state and handlers."""
+
+    def __init__(self, config: Config, store: Store, signing_key: SigningKey,
+                 entitlement: EntitlementVerifier | None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.store = store
+        self.signing_key = signing_key
+        self.entitlement = entitlement
+        self.clock = clock
+        self.service_keys = [k.strip().encode() for k in config.service_keys.split(",")
+                             if k.strip()]
+        self.admin_key = config.admin_key.encode()
+        self.pause = PauseCache(store, config.pause_poll_s, config.fallback_paused)
+        self.breaches = BreachLog()
+        per_min = config.mint_rate_per_session_per_min
+        self.session_buckets = _Buckets(per_min / 60.0, per_min, MAX_TRACKED_SESSIONS)
+        per_s = config.mint_rate_per_service_key_per_s
+        self.service_buckets = _Buckets(per_s, per_s * 2, 1024)
+        self.outcomes: Counter[str] = Counter()
+        self.relay_url = config.relay_url or f"ws://{config.host}:{config.port}/ws"
+
+    # --- helpers ---------------------------------------------------------------------
+    def _refuse(self, status: int, error: str, detail: str,
+                retry_after_s: int | None = None) -> web.Response:
+        self.outcomes[error] += 1
+        log_event(log, "token_api.refused", error=error, detail=detail)
+        return api_error(status, error, detail, retry_after_s)
+
+    @staticmethod
+    def _key_in(given: str | None, keys: list[bytes]) -> bool:
+        candidate = (given or "").encode()
+        # Compare against every key so the time taken does not tell which one matched.
+        matched = False
+        for key in keys:
+            matched |= hmac.compare_digest(candidate, key)
+        return matched and bool(candidate)
+
+    def _service(self, request: web.Request) -> str | None:
+        token = bearer_token(request.headers.get("Authorization"))
+        return token if self._key_in(token, self.service_keys) else None
+
+    async def _body(self, request: web.Request, kind: type[Any]) -> Any:
+        raw = await request.read()
+        try:
+            return msgspec.json.decode(raw or b"{}", type=kind)
+        except msgspec.ValidationError as e:
+            raise _BadBody(str(e)) from None
+        except msgspec.DecodeError:
+            raise _BadBody("body is not a JSON object") from None
+
+    # --- handlers --------------------------------------------------------------------
+    async def token(self, request: web.Request) -> web.Response:
+        """``POST /v1/fallback/token``."""
+        service = self._service(request)
+        if service is None:
+            return self._refuse(401, "unauthenticated", "a valid service key is required")
+        now = self.clock()
+        if not self.service_buckets.allow(service, now):
+            return self._refuse(429, "rate_limited", "too many token requests for this "
+                                "service key", retry_after_s=1)
+        try:
+            body: TokenRequest = await self._body(request, TokenRequest)
+        except _BadBody as e:
+            return self._refuse(400, "invalid_request", e.detail)
+        if not is_valid_session_id(body.session_id):
+            return self._refuse(400, "invalid_session_id",
+                                "session_id must be 1-128 characters of A-Z a-z 0-9 . _ -")
+        if not is_valid_session_id(body.cohort_id) or len(body.cohort_id) > 64:
+            return self._refuse(400, "invalid_request",
+                                "cohort_id must be 1-64 characters of A-Z a-z 0-9 . _ -")
+        if not self.session_buckets.allow(body.session_id, now):
+            return self._refuse(429, "rate_limited", "too many tokens for this session",
+                                retry_after_s=60)
+        if await self.pause.get() is not Pause.OFF:
+            return self._refuse(403, "fallback_paused", "the WebSocket fallback is paused")
+        if self.entitlement is not None and not self.config.disable_oidc:
+            if not body.entitlement_proof:
+                return self._refuse(403, "entitlement_missing",
+                                    "entitlement_proof is required")
+            try:
+                self.entitlement.verify(body.entitlement_proof, now)
+            except EntitlementError as e:
+                if e.missing:
+                    return self._refuse(403, "entitlement_missing", e.detail)
+                return self._refuse(401, "entitlement_invalid", e.detail)
+        guardrail: dict[str, Any]
+        try:
+            fallback, total = await self.store.count_fallback(body.cohort_id, now)
+        except StoreUnavailable as e:
+            if not self.config.store_fail_open:
+                log_event(log, "store.unavailable", level=logging.WARNING, detail=str(e))
+                return self._refuse(503, "store_unavailable",
+                                    "the guardrail store is unreachable", retry_after_s=5)
+            guardrail = {"ratio": None, "soft_breach": False, "uncounted": True}
+        else:
+            state = evaluate(fallback, total, threshold=self.config.guardrail_threshold,
+                             hard_threshold=self.config.guardrail_hard_threshold)
+            if state.hard_breach:
+                return await self._auto_pause(body.cohort_id, state)
+            self._note_breach(body.cohort_id, state, now)
+            guardrail = {"ratio": round(state.ratio, 6), "soft_breach": state.soft_breach}
+        caps = [CAP_FALLBACK_WS] + ([CAP_TELEMETRY] if body.telemetry_opt_in else [])
+        ttl = self.config.token_ttl_s
+        token = mint_token(self.signing_key, session_id=body.session_id, now=now,
+                           ttl_s=ttl, cohort=body.cohort_id, caps=caps,
+                           issuer="beach-rescue-control-plane",
+                           audience=self.config.token_audience)
+        self.outcomes["issued"] += 1
+        return web.json_response({
+            "token": token, "expires_at": rfc3339(int(now) + ttl), "cohort": body.cohort_id,
+            "relay_url": self.relay_url, "guardrail": guardrail})
+
+    def _note_breach(self, cohort: str, state: GuardrailState, now: float) -> None:
+        if state.soft_breach and self.breaches.first(cohort, now):
+            log_event(log, "guardrail_soft_breach", level=logging.WARNING, cohort=cohort,
+                      ratio=round(state.ratio, 6), fallback=state.fallback,
+                      total=state.total, threshold=self.config.guardrail_threshold)
+
+    async def _auto_pause(self, cohort: str, state: GuardrailState) -> web.Response:
+        with contextlib.suppress(StoreUnavailable):  # the refusal below holds regardless
+            await self.store.set_pause(Pause.SOFT)
+        self.pause.invalidate()
+        log_event(log, "guardrail_auto_paused", level=logging.ERROR, cohort=cohort,
+                  ratio=round(state.ratio, 6),
+                  hard_threshold=self.config.guardrail_hard_threshold)
+        return self._refuse(403, "fallback_paused",
+                            "the fallback paused itself: the guardrail's hard threshold "
+                            "was reached")
+
+    async def sessions(self, request: web.Request) -> web.Response:
+        """``POST /v1/sessions``: count one session created in a cohort."""
+        if self._service(request) is None:
+            return self._refuse(401, "unauthenticated", "a valid service key is required")
+        try:
+            body: SessionRequest = await self._body(request, SessionRequest)
+        except _BadBody as e:
+            return self._refuse(400, "invalid_request", e.detail)
+        if body.session_id is not None and not is_valid_session_id(body.session_id):
+            return self._refuse(400, "invalid_session_id",
+                                "session_id must be 1-128 characters of A-Z a-z 0-9 . _ -")
+        if not is_valid_session_id(body.cohort_id) or len(body.cohort_id) > 64:
+            return self._refuse(400, "invalid_request",
+                                "cohort_id must be 1-64 characters of A-Z a-z 0-9 . _ -")
+        try:
+            total = await self.store.count_session(body.cohort_id, self.clock())
+        except StoreUnavailable:
+            return self._refuse(503, "store_unavailable", "the guardrail store is unreachable",
+                                retry_after_s=5)
+        self.outcomes["session_counted"] += 1
+        return web.json_response({"cohort": body.cohort_id, "sessions_this_hour": total})
+
+    async def set_pause(self, request: web.Request) -> web.Response:
+        """``POST /v1/admin/pause`` (``{"hard": true}`` also closes existing sessions)."""
+        if not self.admin_key or not self._key_in(
+                bearer_token(request.headers.get("Authorization")), [self.admin_key]):
+            return self._refuse(401, "unauthenticated", "the admin key is required")
+        try:
+            body: PauseRequest = await self._body(request, PauseRequest)
+        except _BadBody as e:
+            return self._refuse(400, "invalid_request", e.detail)
+        return await self._switch(Pause.HARD if body.hard else Pause.SOFT)
+
+    async def resume(self, request: web.Request) -> web.Response:
+        """``POST /v1/admin/resume``."""
+        if not self.admin_key or not self._key_in(
+                bearer_token(request.headers.get("Authorization")), [self.admin_key]):
+            return self._refuse(401, "unauthenticated", "the admin key is required")
+        return await self._switch(Pause.OFF)
+
+    async def _switch(self, pause: Pause) -> web.Response:
+        try:
+            await self.store.set_pause(pause)
+        except StoreUnavailable:
+            return self._refuse(503, "store_unavailable", "the kill switch store is "
+                                "unreachable", retry_after_s=5)
+        self.pause.invalidate()
+        log_event(log, "kill_switch.changed", level=logging.WARNING, state=pause.value)
+        effective = await self.pause.get()
+        return web.json_response({"paused": effective.value,
+                                  "forced_by_config": self.config.fallback_paused})
+
+    async def status(self, request: web.Request) -> web.Response:
+        """``GET /v1/status``: the kill switch and whether the store answers."""
+        effective = await self.pause.get()
+        return web.json_response({"paused": effective.value,
+                                  "store_healthy": self.pause.healthy,
+                                  "forced_by_config": self.config.fallback_paused})
+
+    def add_routes(self, app: web.Application) -> None:
+        """Mount the API's routes on ``app``."""
+        app.router.add_post("/v1/fallback/token", self.token)
+        app.router.add_post("/v1/sessions", self.sessions)
+        app.router.add_post("/v1/admin/pause", self.set_pause)
+        app.router.add_post("/v1/admin/resume", self.resume)
+        app.router.add_get("/v1/status", self.status)
+
+
+class _BadBody(Exception):
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
