@@ -11,6 +11,7 @@ from aiohttp import web
 
 from rescue.admission import bearer_token
 from rescue.codes import ErrorCode
+from rescue.server.peer import Peer
 from rescue.server.relay import Relay, error_response
 
 
@@ -32,13 +33,20 @@ def stats_snapshot(relay: Relay, session_id: str | None = None) -> dict[str, Any
     if session_id is not None:
         session = relay.registry.get(session_id)
         body["session"] = None if session is None else {
-            "members": [{"role": m.role, "connection_id": m.conn.connection_id,
-                         "rx_msgs": m.conn.rx_msgs, "tx_msgs": m.conn.tx_msgs,
-                         "buffered": m.conn.write_buffer_size}
-                        for m in session.members()],
+            "members": [_member(m.conn) for m in session.members()],
             "age_s": round(loop_now - session.created_at, 3),
         }
     return body
+
+
+def _member(peer: Peer) -> dict[str, Any]:
+    """One member's live state; traffic numbers only for peers that opted in to telemetry."""
+    out: dict[str, Any] = {"role": peer.role, "connection_id": peer.connection_id,
+                           "buffered": peer.write_buffer_size, "telemetry": peer.telemetry}
+    if peer.telemetry:
+        out.update(rx_msgs=peer.rx_msgs, rx_bytes=peer.rx_bytes, tx_msgs=peer.tx_msgs,
+                   tx_bytes=peer.tx_bytes)
+    return out
 
 
 def admin_app(relay: Relay) -> web.Application:

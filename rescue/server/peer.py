@@ -31,13 +31,14 @@ class Peer:
         "_close_task", "_drain", "_release", "close_code", "closing", "connection_id",
         "data_msgs", "held", "is_host", "member", "missed", "paused_since", "peer_id",
         "protocol", "rate", "relay", "role", "rx_bytes", "rx_msgs", "seen_data",
-        "seen_data_at", "seen_rx", "session", "started_at", "transport", "tx_bytes",
-        "tx_msgs", "ws",
+        "seen_data_at", "seen_rx", "session", "started_at", "telemetry", "transport",
+        "tx_bytes", "tx_msgs", "ws",
     )
 
     def __init__(self, relay: Relay, ws: web.WebSocketResponse, transport: asyncio.Transport,
                  protocol: BaseProtocol, *, role: Role, peer_id: str, connection_id: str,
-                 session: Session[Peer], rate: ConnectionRateLimit, now: float) -> None:
+                 session: Session[Peer], rate: ConnectionRateLimit, now: float,
+                 telemetry: bool = False) -> None:
         self.relay = relay
         self.ws = ws
         self.transport = transport
@@ -46,6 +47,7 @@ class Peer:
         self.is_host = role == "host"
         self.peer_id = peer_id
         self.connection_id = connection_id
+        self.telemetry = telemetry  # the user opted in to non-essential per-peer data
         self.session = session
         self.member: Member[Peer] | None = None
         self.rate = rate

@@ -39,7 +39,7 @@ from rescue.ratelimit import ConnectionRateLimit
 from rescue.server.peer import Peer
 from rescue.server.stats import WorkerStats
 from rescue.sessions import Registry, SessionFull, TooManyConnections
-from rescue.tokens import TokenVerifier
+from rescue.tokens import CAP_TELEMETRY, TokenClaims, TokenVerifier
 from rescue.wsframe import binary_frame
 
 log = logging.getLogger("rescue.relay")
@@ -204,7 +204,7 @@ class Relay:
             transport = request.transport
             if transport is None:  # the client went away during the upgrade
                 return ws
-            peer = await self._hello(ws, request, claims.exp, session_id, session)
+            peer = await self._hello(ws, request, claims, session)
             self.handshakes -= 1
             handshaking = False
             self.registry.release(session, loop.time())
@@ -228,8 +228,8 @@ class Relay:
         log_event(log, "hello.refused", code=int(code), reason=code.reason, detail=detail)
         await ws.close(code=code, message=code.reason.encode())
 
-    async def _hello(self, ws: web.WebSocketResponse, request: web.Request, token_exp: int,
-                     session_id: str, session: Any) -> Peer | None:
+    async def _hello(self, ws: web.WebSocketResponse, request: web.Request,
+                     claims: TokenClaims, session: Any) -> Peer | None:
         """Run the hello exchange; return the joined :class:`Peer`, or None if refused."""
         try:
             msg = await ws.receive(timeout=self.config.handshake_timeout_s)
@@ -246,11 +246,11 @@ class Relay:
         except HelloError as e:
             await self._close_handshake(ws, e.close_code, e.detail)
             return None
-        if hello.session_id != session_id:
+        if hello.session_id != claims.sid:
             await self._close_handshake(ws, CloseCode.SESSION_MISMATCH,
                                         "hello session_id differs from the token's sid")
             return None
-        if time.time() >= token_exp + self.config.token_leeway_s:
+        if self.verifier.expired(claims, time.time()):
             await self._close_handshake(ws, CloseCode.TOKEN_EXPIRED,
                                         "token expired before the hello")
             return None
@@ -261,7 +261,8 @@ class Relay:
         connection_id = f"{self._id_prefix}-{next(self._ids):x}"
         peer = Peer(self, ws, transport, request.protocol, role=hello.role,
                     peer_id=hello.peer_id, connection_id=connection_id, session=session,
-                    rate=ConnectionRateLimit.from_config(self.config, now), now=now)
+                    rate=ConnectionRateLimit.from_config(self.config, now), now=now,
+                    telemetry=CAP_TELEMETRY in claims.cap)
         try:
             joined = self.registry.join(session, hello.role, hello.peer_id, peer)
         except SessionFull:
