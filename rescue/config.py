@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -353,7 +354,7 @@ def _explain(message: str, sources: Mapping[str, str]) -> str:
         source = sources.get(field, "default")
         return f"invalid setting `{field}` (from {source}): {reason}"
     named = [f"`{name}` from {source}" for name, source in sources.items()
-             if name in message]
+             if re.search(rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])", message)]
     origin = f" ({'; '.join(named)})" if named else ""
     return f"invalid configuration{origin}: {message}"
 

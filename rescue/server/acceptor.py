@@ -32,7 +32,7 @@ log = logging.getLogger("rescue.acceptor")
 
 ACCEPT_BATCH = 64
 INBOX_BATCH = 64
-_STAMP = struct.Struct("!dI")  # sender's CLOCK_MONOTONIC seconds, sender slot
+_STAMP = struct.Struct("!ddI")  # CLOCK_MONOTONIC at accept and at send, sender slot
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _PEEK_RETRY_FIRST_S = 0.002
 _PEEK_RETRY_MAX_S = 0.05
@@ -54,13 +54,22 @@ class IntakeStats:
 
 def refuse_raw(conn: socket.socket, status: str, error: str, detail: str,
                retry_after_s: int) -> None:
-    """Answer an unparsed connection with a JSON error, best effort, and close it."""
+    """Answer an unparsed connection with a JSON error, best effort, and close it.
+
+    Bytes the client already sent are read and dropped first: closing a socket with
+    unread data resets it, and the client would lose the answer.
+    """
     body = msgspec.json.encode({"error": error, "detail": detail})
     head = (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
             f"Retry-After: {retry_after_s}\r\nContent-Length: {len(body)}\r\n"
             "Connection: close\r\n\r\n").encode()
     with contextlib.suppress(OSError):
+        for _ in range(16):  # at most 1 MiB; a flood past that is reset, as it deserves
+            if not conn.recv(65536, socket.MSG_DONTWAIT):
+                break
+    with contextlib.suppress(OSError):
         conn.send(head + body, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        conn.shutdown(socket.SHUT_WR)
     conn.close()
 
 
@@ -69,7 +78,7 @@ class Acceptor:
 
     def __init__(self, *, slot: int, ring: Ring[int], listener: socket.socket,
                  inbox: socket.socket | None, outboxes: Mapping[int, socket.socket],
-                 serve: Callable[[socket.socket], None], peek_timeout_s: float,
+                 serve: Callable[[socket.socket, float], None], peek_timeout_s: float,
                  hold_s: float, control_slot: int | None = None) -> None:
         self.slot = slot
         self.ring = ring
@@ -149,10 +158,13 @@ class Acceptor:
         self._resume_handle = self._loop.call_later(0.1, resume)
 
     # --- routing -------------------------------------------------------------------------
-    def route(self, conn: socket.socket, session: str | None, control: bool = False) -> None:
+    def route(self, conn: socket.socket, session: str | None, accepted_at: float,
+              control: bool = False) -> None:
         """Serve ``conn`` here or hand it to the slot that owns ``session``.
 
-        Control-plane requests go to ``control_slot`` when one is set.
+        Control-plane requests go to ``control_slot`` when one is set. ``accepted_at``
+        (``time.monotonic()`` at accept) travels along: the request's deadline counts
+        from it, on whichever worker serves it.
         """
         if control:
             owner = self.slot if self.control_slot is None else self.control_slot
@@ -160,13 +172,13 @@ class Acceptor:
             owner = self.slot if session is None else self.ring.owner(session)
         if owner == self.slot:
             self.stats.served_local += 1
-            self.serve(conn)
+            self.serve(conn, accepted_at)
             return
         outbox = self.outboxes.get(owner)
         try:
             if outbox is None:
                 raise OSError(errno.ENOENT, f"no inbox for slot {owner}")
-            socket.send_fds(outbox, [_STAMP.pack(time.monotonic(), self.slot)],
+            socket.send_fds(outbox, [_STAMP.pack(accepted_at, time.monotonic(), self.slot)],
                             [conn.fileno()], socket.MSG_DONTWAIT)
         except OSError as e:
             self.stats.handoff_failures += 1
@@ -187,7 +199,8 @@ class Acceptor:
             except (BlockingIOError, InterruptedError):
                 return
             now = time.monotonic()
-            sent_at = _STAMP.unpack(packet)[0] if len(packet) == _STAMP.size else 0.0
+            accepted_at, sent_at, _slot = (_STAMP.unpack(packet) if len(packet) == _STAMP.size
+                                           else (now, 0.0, -1))
             for fd in fds:
                 conn = socket.socket(fileno=fd)
                 conn.setblocking(False)
@@ -197,7 +210,7 @@ class Acceptor:
                                "the worker owning this session was restarting", 1)
                     continue
                 self.stats.adopted += 1
-                self.serve(conn)
+                self.serve(conn, accepted_at)
 
     def pending_peeks(self) -> int:
         """Connections accepted but not yet routed."""
@@ -207,11 +220,12 @@ class Acceptor:
 class _Peek:
     """Waits, without consuming, until a connection's request line is complete."""
 
-    __slots__ = ("acceptor", "conn", "deadline", "delay", "timer", "watching")
+    __slots__ = ("accepted_at", "acceptor", "conn", "deadline", "delay", "timer", "watching")
 
     def __init__(self, acceptor: Acceptor, conn: socket.socket) -> None:
         self.acceptor = acceptor
         self.conn = conn
+        self.accepted_at = time.monotonic()
         self.deadline = acceptor._loop.time() + acceptor.peek_timeout_s
         self.delay = _PEEK_RETRY_FIRST_S
         self.timer: asyncio.TimerHandle | None = None
@@ -254,7 +268,7 @@ class _Peek:
         self._done()
         self.acceptor.route(self.conn,
                             result.session if result.route is Route.SESSION else None,
-                            control=result.route is Route.CONTROL)
+                            self.accepted_at, control=result.route is Route.CONTROL)
 
     def _expire(self) -> None:
         if self.watching:

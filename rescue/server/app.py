@@ -123,17 +123,13 @@ class HeaderDeadline:
         self.relay = relay
         self._timers: dict[RequestHandler, asyncio.TimerHandle] = {}
 
-    def wrap(self, factory: Callable[[], RequestHandler]
-             ) -> Callable[[], RequestHandler]:
-        """Return a protocol factory that arms the deadline for each new connection."""
-        loop = asyncio.get_running_loop()
-
-        def make() -> RequestHandler:
-            proto = factory()
-            self._timers[proto] = loop.call_later(self.timeout_s, self._expire, proto)
-            return proto
-
-        return make
+    def protocol(self, factory: Callable[[], RequestHandler], timeout_s: float | None = None
+                 ) -> RequestHandler:
+        """Make a protocol with ``factory`` and arm its deadline (``timeout_s`` from now)."""
+        proto = factory()
+        self._timers[proto] = asyncio.get_running_loop().call_later(
+            self.timeout_s if timeout_s is None else max(0.0, timeout_s), self._expire, proto)
+        return proto
 
     def request_started(self, request: web.Request) -> None:
         """Disarm the deadline of the connection carrying ``request``."""

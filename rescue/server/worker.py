@@ -14,8 +14,10 @@ import contextlib
 import logging
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 import setproctitle
@@ -134,18 +136,20 @@ async def watch_pause(relay: Relay, cache: PauseCache | None, interval_s: float)
         await asyncio.sleep(interval_s)
 
 
-def _serve_socket(relay: Relay, factory: Callable[[], asyncio.Protocol]
-                  ) -> Callable[[socket.socket], None]:
+def _serve_socket(relay: Relay, deadline: HeaderDeadline, factory: Callable[[], Any],
+                  timeout_s: float) -> Callable[[socket.socket, float], None]:
     loop = asyncio.get_running_loop()
 
-    async def adopt(conn: socket.socket) -> None:
+    async def adopt(conn: socket.socket, accepted_at: float) -> None:
+        remaining = timeout_s - (time.monotonic() - accepted_at)
         try:
-            await loop.connect_accepted_socket(factory, sock=conn)
+            await loop.connect_accepted_socket(
+                lambda: deadline.protocol(factory, remaining), sock=conn)
         except OSError:
             conn.close()
 
-    def serve(conn: socket.socket) -> None:
-        relay.spawn(adopt(conn))
+    def serve(conn: socket.socket, accepted_at: float) -> None:
+        relay.spawn(adopt(conn, accepted_at))
 
     return serve
 
@@ -174,7 +178,8 @@ async def run_worker(config: Config, sockets: WorkerSockets) -> int:
     assert runner.server is not None
     acceptor = Acceptor(slot=slot, ring=ring, listener=sockets.listener, inbox=sockets.inbox,
                         outboxes=sockets.outboxes,
-                        serve=_serve_socket(relay, deadline.wrap(runner.server)),
+                        serve=_serve_socket(relay, deadline, runner.server,
+                                            config.handshake_timeout_s),
                         peek_timeout_s=config.handshake_timeout_s,
                         hold_s=config.handoff_hold_s, control_slot=control_slot)
     relay.intake = acceptor.stats
