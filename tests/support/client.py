@@ -42,7 +42,7 @@ class TestPeer:
     async def send_raw(self, data: bytes) -> None:
         await self.ws.send_bytes(data)
 
-    async def recv_frame(self, timeout: float = RECEIVE_TIMEOUT_S) -> Frame:
+    async def recv_frame(self, timeout: float = RECEIVE_TIMEOUT_S) -> Frame:  # noqa: ASYNC109
         """Return the next binary frame, collecting text events met on the way."""
         while True:
             msg = await self.ws.receive(timeout=timeout)
@@ -54,7 +54,7 @@ class TestPeer:
             raise UnexpectedMessage(f"expected a frame, got {msg.type!r} {msg.data!r} "
                                     f"{msg.extra!r}")
 
-    async def recv_event(self, timeout: float = RECEIVE_TIMEOUT_S) -> dict[str, Any]:
+    async def recv_event(self, timeout: float = RECEIVE_TIMEOUT_S) -> dict[str, Any]:  # noqa: ASYNC109
         """Return the next text event (earlier collected ones first)."""
         if self.events:
             return self.events.pop(0)
@@ -64,7 +64,7 @@ class TestPeer:
             return event
         raise UnexpectedMessage(f"expected an event, got {msg.type!r} {msg.data!r}")
 
-    async def recv_close(self, timeout: float = RECEIVE_TIMEOUT_S) -> tuple[int, str]:
+    async def recv_close(self, timeout: float = RECEIVE_TIMEOUT_S) -> tuple[int, str]:  # noqa: ASYNC109
         """Skip frames and events until the close; return (code, reason)."""
         while True:
             msg = await self.ws.receive(timeout=timeout)
@@ -99,7 +99,7 @@ async def open_ws(http: aiohttp.ClientSession, url: str,
                                  timeout=aiohttp.ClientWSTimeout(ws_close=5.0), **kwargs)
 
 
-async def join(http: aiohttp.ClientSession, relay: Any, session_id: str, role: str,
+async def join(http: aiohttp.ClientSession, relay: Any, session_id: str, role: str,  # noqa: PLR0917
                peer_id: str, token: str | None = None) -> TestPeer:
     """Connect, send the hello, wait for server_hello; return the joined peer."""
     token = token if token is not None else relay.mint(session_id)
@@ -108,6 +108,28 @@ async def join(http: aiohttp.ClientSession, relay: Any, session_id: str, role: s
     peer = TestPeer(ws, session_id, role, peer_id)
     msg = await ws.receive(timeout=RECEIVE_TIMEOUT_S)
     if msg.type is not aiohttp.WSMsgType.TEXT:
+        raise UnexpectedMessage(f"expected server_hello, got {msg.type!r} {msg.data!r} "
+                                f"{msg.extra!r}")
+    peer.server_hello = json.loads(msg.data)
+    if peer.server_hello.get("type") != "server_hello":
+        raise UnexpectedMessage(f"expected server_hello, got {peer.server_hello}")
+    return peer
+
+
+async def join_peer(http: aiohttp.ClientSession, relay: Any, session_id: str, role: str,
+                    peer_id: str, *, token: str | None = None, client_nonce: str | None = None,
+                    autoping: bool = True) -> TestPeer:
+    """Like :func:`join`, with a chosen ``client_nonce`` and ``autoping`` (False: the test
+    sees the relay's pings and nothing answers them)."""
+    token = token if token is not None else relay.mint(session_id)
+    ws = await http.ws_connect(relay.ws_url(session_id, token), compress=0, autoping=autoping,
+                               max_msg_size=0, timeout=aiohttp.ClientWSTimeout(ws_close=5.0))
+    overrides = {} if client_nonce is None else {"client_nonce": client_nonce}
+    await ws.send_str(client_hello(session_id, role, peer_id, **overrides))
+    peer = TestPeer(ws, session_id, role, peer_id)
+    msg = await ws.receive(timeout=RECEIVE_TIMEOUT_S)
+    if msg.type is not aiohttp.WSMsgType.TEXT:
+        await ws.close()
         raise UnexpectedMessage(f"expected server_hello, got {msg.type!r} {msg.data!r} "
                                 f"{msg.extra!r}")
     peer.server_hello = json.loads(msg.data)

@@ -111,20 +111,25 @@ class RelayProcess:
         return self.proc.returncode
 
 
-def start_relay(key_dir: Path, signing_key: SigningKey, state_dir: Path,
-                **settings: Any) -> RelayProcess:
-    """Start ``beach-rescue serve`` on 127.0.0.1:0 with ``settings`` as BEACH_RESCUE_* env."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BEACH_RESCUE_")}
-    env["BEACH_RESCUE_STATE_DIR"] = str(state_dir)
+def start_relay(key_dir: Path, signing_key: SigningKey, state_dir: Path, *,
+                env: Mapping[str, str] | None = None, **settings: Any) -> RelayProcess:
+    """Start ``beach-rescue serve`` on 127.0.0.1:0 with ``settings`` as BEACH_RESCUE_* env.
+
+    ``env`` adds other environment variables (e.g. ``NOTIFY_SOCKET``) to the process.
+    """
+    process_env = {k: v for k, v in os.environ.items() if not k.startswith("BEACH_RESCUE_")}
+    process_env.update(env or {})
+    process_env["BEACH_RESCUE_STATE_DIR"] = str(state_dir)
     settings = dict(settings)
     for name, value in settings.items():
-        env["BEACH_RESCUE_" + name.upper()] = (
+        process_env["BEACH_RESCUE_" + name.upper()] = (
             str(value).lower() if isinstance(value, bool) else str(value))
     workers = str(settings.pop("workers", 1))
     proc = subprocess.Popen(
         [sys.executable, "-m", "rescue", "serve", "--host", "127.0.0.1", "--port", "0",
          "--workers", workers, "--token-keys", str(key_dir)],
-        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        env=process_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE)
     try:
         return RelayProcess(proc, signing_key, settings)
     except BaseException:
