@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from rescue.keys import SigningKey, generate_keypair, load_signing_key
+from tests.support.redis import RedisServer, redis_server_binary
 from tests.support.relay import RelayProcess, start_relay
 
 # Settings that make liveness and flow-control behaviour observable in seconds.
@@ -66,3 +67,17 @@ def relay(key_dir: Path, signing_key: SigningKey,
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh, empty ``redis-server`` on a free port; tests may kill and restart it."""
+    binary = redis_server_binary()
+    if binary is None:
+        pytest.skip("redis-server is not installed (needed for the Redis store tests)")
+    work_dir = tmp_path / "redis"
+    work_dir.mkdir()
+    server = RedisServer(binary, work_dir)
+    server.start()
+    yield server
+    server.stop()

@@ -65,14 +65,10 @@ class Peer:
         transport.set_write_buffer_limits(high=high, low=relay.config.write_low_water_bytes)
 
     # --- writing ---------------------------------------------------------------------
-    def write_binary(self, data: bytes) -> bool:
-        """Queue one binary message for this peer; False if it is closing (nothing sent)."""
-        if self.closing:
-            return False
-        self.transport.write(binary_frame(data))
-        self.tx_msgs += 1
-        self.tx_bytes += len(data)
-        return True
+    def echo_heartbeat(self, data: bytes) -> None:
+        """Answer a heartbeat frame to its sender (not counted as relayed traffic)."""
+        if not self.closing:
+            self.transport.write(binary_frame(data))
 
     def write_text(self, text: str) -> None:
         """Queue one text message (an event) unless the peer is closing."""
@@ -108,7 +104,8 @@ class Peer:
             if self._release is None:
                 self._release = loop.create_future()
             drained = self.relay.spawn(self._drain_quietly())
-            await asyncio.wait((drained, self._release), timeout=remaining)
+            await asyncio.wait((drained, self._release), timeout=remaining,
+                               return_when=asyncio.FIRST_COMPLETED)
         if self.closing:
             return True  # closed meanwhile; whoever closed it counted why
         if self.protocol.writing_paused:

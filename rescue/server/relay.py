@@ -322,7 +322,7 @@ class Relay:
                         code, reason = CloseCode.RATE_LIMITED, "evicted"
                         break
                     if kind == _HEARTBEAT:
-                        peer.write_binary(data)
+                        peer.echo_heartbeat(data)
                         stats.heartbeats_answered += 1
                         continue
                     peer.data_msgs += 1

@@ -15,7 +15,6 @@ import uuid
 from typing import Any
 
 import aiohttp
-import pytest
 
 from rescue.frames import Kind, decode_frame
 from tests.support.client import TestPeer, join
@@ -142,8 +141,9 @@ async def test_stalled_receiver_is_evicted_others_get_every_frame(
 
 async def test_slow_receiver_within_the_deadline_gets_every_frame(
         relay_factory: Any, http: aiohttp.ClientSession) -> None:
-    relay = relay_factory(slow_consumer_timeout_s=8.0, admin_port=free_port(),
-                          admin_key=ADMIN_KEY, **FLOW_SETTINGS)
+    slow_consumer_timeout_s = 8.0
+    relay = relay_factory(slow_consumer_timeout_s=slow_consumer_timeout_s,
+                          admin_port=free_port(), admin_key=ADMIN_KEY, **FLOW_SETTINGS)
     sid = f"flow-{uuid.uuid4().hex[:8]}"
     host = await join(http, relay, sid, "host", "host")
     slow = await SlowReader.join(relay, sid, "participant", "slow")
@@ -159,35 +159,39 @@ async def test_slow_receiver_within_the_deadline_gets_every_frame(
             await asyncio.sleep(0)
         await host.send_frame(b"end", Kind.CONTROL)
 
-    sender = asyncio.get_running_loop().create_task(stream())
-
     async def paused() -> bool:
         stats = await admin_stats(http, relay, ADMIN_KEY)
         return bool(stats["counters"]["flow_pauses"] > 0)
 
-    await wait_until(paused, "the relay to pause the host")
-    enough.set()
-    seqs: list[int] = []
-    async with asyncio.timeout(20):
-        while True:
-            opcode, data = await slow.read_message()
-            if opcode != OP_BINARY:
-                continue
-            frame = decode_frame(data)
-            if frame.kind is Kind.CONTROL:
-                break
-            assert frame.payload == payload_for(frame.seq)
-            seqs.append(frame.seq)
-        await sender
-    assert seqs == list(range(1, host.seq))  # every data frame; the marker was the last seq
-    stats = await admin_stats(http, relay, ADMIN_KEY)
-    assert stats["counters"]["flow_pauses"] > 0
-    assert stats["counters"]["slow_consumer_evictions"] == 0
-    assert "SLOW_CONSUMER" not in stats["counters"]["closes"]
-    assert stats["peers"] == 2
-    slow.close()
-    await host.close()
-
+    sender = asyncio.get_running_loop().create_task(stream())
+    try:
+        await wait_until(paused, "the relay to pause the host")
+        enough.set()
+        seqs: list[int] = []
+        # Once the receiver reads, the host must be released as soon as the receiver is under
+        # its low-water mark: a few megabytes take well under the slow-consumer deadline.
+        async with asyncio.timeout(slow_consumer_timeout_s / 2):
+            while True:
+                opcode, data = await slow.read_message()
+                if opcode != OP_BINARY:
+                    continue
+                frame = decode_frame(data)
+                if frame.kind is Kind.CONTROL:
+                    break
+                assert frame.payload == payload_for(frame.seq)
+                seqs.append(frame.seq)
+            await sender
+        assert seqs == list(range(1, host.seq))  # every data frame; the marker was the last seq
+        stats = await admin_stats(http, relay, ADMIN_KEY)
+        assert stats["counters"]["flow_pauses"] > 0
+        assert stats["counters"]["slow_consumer_evictions"] == 0
+        assert "SLOW_CONSUMER" not in stats["counters"]["closes"]
+        assert stats["peers"] == 2
+    finally:
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+        slow.close()
+        await host.close()
 
 
 async def test_a_sender_held_back_by_flow_control_is_not_closed_as_idle(
