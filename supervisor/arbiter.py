@@ -122,6 +122,9 @@ class Arbiter:
         deadline = self.table.next_deadline()
         if deadline is not None:
             timeout = max(0.0, min(timeout, deadline - time.monotonic()))
+        if self.notifier.watchdog_s:
+            due = self._last_watchdog + self.notifier.watchdog_s / 2
+            timeout = max(0.0, min(timeout, due - time.monotonic()))
         readers: list[int | socket.socket] = [self._wake_r, *self.controls.values()]
         try:
             ready, _, _ = select.select(readers, [], [], timeout)

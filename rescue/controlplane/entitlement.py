@@ -34,7 +34,7 @@ def load_jwks(path: str | Path) -> dict[str, PyJWK]:
     try:
         data = json.loads(Path(path).read_text())
         keys = PyJWKSet.from_dict(data).keys
-    except (OSError, ValueError, jwt.PyJWKError) as e:
+    except (OSError, ValueError, jwt.PyJWTError) as e:
         raise ValueError(f"cannot load JWKS {path}: {e}") from None
     out = {k.key_id: k for k in keys if k.key_id}
     if not out:
@@ -61,12 +61,16 @@ class EntitlementVerifier:
         key = self.keys.get(str(header.get("kid")))
         if key is None:
             raise EntitlementError("entitlement_proof is signed by an unknown key")
+        if key.algorithm_name != alg:
+            # The key decides the algorithm, never the token (no algorithm confusion).
+            raise EntitlementError(f"entitlement_proof uses {alg} but its key is "
+                                   f"{key.algorithm_name}")
         try:
             claims: dict[str, Any] = jwt.decode(
                 proof, key.key, algorithms=[alg],
                 options={"verify_exp": False, "verify_nbf": False, "verify_iat": False,
                          "verify_aud": False, "require": ["exp"]})
-        except jwt.PyJWTError as e:
+        except (jwt.PyJWTError, TypeError, ValueError) as e:
             raise EntitlementError(f"entitlement_proof is invalid: {e}") from None
         exp, nbf = claims.get("exp"), claims.get("nbf", 0)
         if not isinstance(exp, int | float) or not isinstance(nbf, int | float):

@@ -35,12 +35,18 @@ return {v, other}
 class RedisStore:
     """Guardrail counters and the kill switch in Redis."""
 
-    def __init__(self, url: str, *, timeout_s: float = 0.5, retries: int = 2) -> None:
+    def __init__(self, url: str, *, timeout_s: float = 0.5, retries: int = 2,
+                 max_connections: int = 64) -> None:
         self.url = url
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+        # A blocking pool queues commands past its size (up to timeout_s) instead of
+        # failing them at once: a burst of token requests must not look like an outage.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=timeout_s,
+            socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
             retry=Retry(ExponentialBackoff(cap=timeout_s, base=0.01), retries),
             retry_on_timeout=True, health_check_interval=10)
+        self._pool = pool
+        self._redis: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         self._count: Any = self._redis.register_script(_COUNT)
 
     async def _run(self, keys: list[str]) -> tuple[int, int]:
@@ -88,3 +94,4 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+        await self._pool.disconnect()

@@ -70,10 +70,11 @@ def build_app(relay: Relay, on_request: Callable[[web.Request], None],
         control.add_routes(app)
     elif control_elsewhere:
         async def misrouted(request: web.Request) -> web.Response:
-            request.protocol.force_close()
-            return error_response(ErrorCode.OVERLOADED, "control-plane requests are served "
-                                  "by another worker; reconnect on a new connection",
-                                  retry_after_s=0)
+            refusal = error_response(ErrorCode.OVERLOADED, "control-plane requests are "
+                                     "served by another worker; reconnect on a new "
+                                     "connection", retry_after_s=0)
+            refusal.force_close()
+            return refusal
 
         app.router.add_route("*", "/v1/{tail:.*}", misrouted)
     return app

@@ -179,10 +179,11 @@ class Relay:
         session_id = claims.sid
         if self.owns is not None and not self.owns(session_id):
             # Only a kept-alive connection first routed for another request gets here.
-            request.protocol.force_close()
-            return self._refuse(ErrorCode.OVERLOADED,
-                                "this connection reached a worker that does not own the "
-                                "session; reconnect on a new connection", retry_after_s=0)
+            refusal = self._refuse(ErrorCode.OVERLOADED,
+                                   "this connection reached a worker that does not own the "
+                                   "session; reconnect on a new connection", retry_after_s=0)
+            refusal.force_close()
+            return refusal
         try:
             session = self.registry.reserve(session_id, loop.time())
         except TooManyConnections:

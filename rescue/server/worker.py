@@ -136,6 +136,46 @@ async def watch_pause(relay: Relay, cache: PauseCache | None, interval_s: float)
         await asyncio.sleep(interval_s)
 
 
+async def _obey(channel: ControlChannel, acceptor: Acceptor, relay: Relay,
+                config: Config) -> None:
+    """Follow the supervisor's orders until the worker must exit.
+
+    A drain runs as a task so that a Stop (a second TERM, or INT) still gets through.
+    """
+    draining: asyncio.Task[bool] | None = None
+    while True:
+        get = asyncio.ensure_future(channel.messages.get())
+        waiting: set[asyncio.Future[Any]] = {get} if draining is None else {get, draining}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if draining is not None and draining.done():
+            get.cancel()
+            return
+        message = get.result()
+        if isinstance(message, control.Serve) and draining is None:
+            acceptor.start()
+            log_event(log, "worker.serving", slot=acceptor.slot)
+        elif isinstance(message, control.Cluster):
+            relay.cluster = message.workers
+        elif (isinstance(message, control.Drain) or message is None) and draining is None:
+            acceptor.stop()
+            channel.send(control.IntakeStopped())
+            window = message.window_s if message else config.drain_window_s
+            deadline_s = message.deadline_s if message else config.drain_timeout_s
+            draining = asyncio.get_running_loop().create_task(drain_peers(relay, Drainer(
+                window_s=min(window, deadline_s), deadline_s=deadline_s,
+                spread_ms=config.drain_reconnect_spread_ms)))
+        elif isinstance(message, control.Stop):
+            if draining is not None:
+                draining.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await draining
+            acceptor.stop()
+            relay.draining = True
+            for peer in list(relay.peers):
+                peer.close(CloseCode.GOING_AWAY, "closed")
+            return
+
+
 def _serve_socket(relay: Relay, deadline: HeaderDeadline, factory: Callable[[], Any],
                   timeout_s: float) -> Callable[[socket.socket, float], None]:
     loop = asyncio.get_running_loop()
@@ -209,29 +249,7 @@ async def run_worker(config: Config, sockets: WorkerSockets) -> int:
                                           deadline_s=config.drain_timeout_s))
     loop.add_signal_handler(signal.SIGQUIT, channel.messages.put_nowait, control.Stop())
     channel.send(control.Ready())
-    status = 0
-    while True:
-        message = await channel.messages.get()
-        if isinstance(message, control.Serve):
-            acceptor.start()
-            log_event(log, "worker.serving", slot=slot)
-        elif isinstance(message, control.Cluster):
-            relay.cluster = message.workers
-        elif isinstance(message, control.Drain) or message is None:
-            acceptor.stop()
-            channel.send(control.IntakeStopped())
-            window = message.window_s if message else config.drain_window_s
-            deadline_s = message.deadline_s if message else config.drain_timeout_s
-            await drain_peers(relay, Drainer(
-                window_s=min(window, deadline_s), deadline_s=deadline_s,
-                spread_ms=config.drain_reconnect_spread_ms))
-            break
-        elif isinstance(message, control.Stop):
-            acceptor.stop()
-            relay.draining = True
-            for peer in list(relay.peers):
-                peer.close(CloseCode.GOING_AWAY, "closed")
-            break
+    await _obey(channel, acceptor, relay, config)
     for task in (beater, sweeper, pause_watch):
         task.cancel()
     for task in (beater, sweeper, pause_watch):
@@ -244,7 +262,7 @@ async def run_worker(config: Config, sockets: WorkerSockets) -> int:
     if store is not None:
         await store.close()
     log_event(log, "worker.exiting", slot=slot)
-    return status
+    return 0
 
 
 def worker_main(config: Config, sockets: WorkerSockets, generation: int) -> int:
