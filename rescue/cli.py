@@ -82,6 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args if args.command in ("serve", "control-plane", "config")
                              else None)
         if args.command == "serve":
+            # Before anything imports prometheus_client: workers inherit the directory.
+            from rescue.multiproc import prepare_multiprocess_dir
+
+            prepare_multiprocess_dir(config.resolved_metrics_dir())
             from supervisor.main import serve
 
             return serve(config, lambda: load_config(args))

@@ -43,6 +43,12 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     admin_host: Annotated[str, _m("Address of the admin listener (/debug/stats).")] = "127.0.0.1"
     admin_port: Annotated[int, _m("Port of the admin listener; 0 disables it.",
                                   ge=0, le=65535)] = 0
+    metrics_key: Annotated[str, _m(
+        "Bearer key `/metrics` on the admin listener requires; empty: `/metrics` is open "
+        "to whoever reaches the admin listener (loopback by default).")] = ""
+    metrics_dir: Annotated[str, _m(
+        "Directory for prometheus-client's multiprocess files, emptied at start; empty: "
+        "`$PROMETHEUS_MULTIPROC_DIR` if set, else `<state_dir>/metrics`.")] = ""
     admin_key: Annotated[str, _m(
         "Bearer key the admin listener requires; empty: the admin listener refuses every "
         "request.")] = ""
@@ -211,6 +217,13 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     def resolved_workers(self) -> int:
         """Return the worker count, applying the one-per-core default."""
         return self.workers or len(os.sched_getaffinity(0)) or 1
+
+    def resolved_metrics_dir(self) -> Path:
+        """Return the multiprocess metrics directory, applying the defaults."""
+        if self.metrics_dir:
+            return Path(self.metrics_dir)
+        from_env = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        return Path(from_env) if from_env else self.resolved_state_dir() / "metrics"
 
     def resolved_state_dir(self) -> Path:
         """Return the state directory, applying the XDG default when unset."""

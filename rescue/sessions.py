@@ -210,10 +210,14 @@ class Registry(Generic[C]):
 
     def expire(self, now: float) -> list[str]:
         """Drop sessions empty for at least ``grace_s``; return their ids."""
-        gone = [sid for sid, s in self.sessions.items()
+        return [s.session_id for s in self.expire_sessions(now)]
+
+    def expire_sessions(self, now: float) -> list[Session[C]]:
+        """Drop sessions empty for at least ``grace_s``; return them."""
+        gone = [s for s in self.sessions.values()
                 if s.empty_since is not None and now - s.empty_since >= self.grace_s]
-        for sid in gone:
-            del self.sessions[sid]
+        for s in gone:
+            del self.sessions[s.session_id]
         return gone
 
     def _mark_if_empty(self, session: Session[C], now: float) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 import msgspec
 
-from rescue import control
+from rescue import control, metrics
 from rescue.config import Config, ConfigError
 from rescue.logs import log_event
 from rescue.server.worker import WorkerSockets
@@ -160,6 +160,7 @@ class Arbiter:
         try:
             new_config = self.reload_config()
         except ConfigError as e:
+            metrics.RELOADS.labels("refused").inc()
             log_event(log, "reload.refused", level=logging.ERROR,
                       detail=f"keeping the running configuration: {e}")
             return
@@ -267,6 +268,7 @@ class Arbiter:
             if not old and self.reloading:
                 self.reloading = False
                 self.sockets.drop_slots_from(self.workers_wanted)
+                metrics.RELOADS.labels("completed").inc()
                 log_event(log, "reload.completed", generation=self.table.generation)
                 self.notifier.ready(self._status_line())
             if not self.announced:
@@ -408,6 +410,9 @@ class Arbiter:
         asked = worker is not None and worker.state in (WorkerState.DRAINING,
                                                          WorkerState.STOPPING)
         self.table.exited(pid, time.monotonic(), restart=not self.stopping)
+        metrics.mark_dead(pid)
+        if worker is not None and not asked and not self.stopping:
+            metrics.WORKER_RESTARTS.labels(str(worker.slot)).inc()
         if worker is not None:
             log_event(log, "worker.exited", level=logging.INFO if asked else logging.ERROR,
                       slot=worker.slot, worker_pid=pid, generation=worker.generation,

@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from rescue import metrics
 from rescue.admission import bearer_token
 from rescue.config import Config
 from rescue.controlplane.entitlement import EntitlementError, EntitlementVerifier
@@ -155,6 +156,9 @@ class ControlPlane:
     def _refuse(self, status: int, error: str, detail: str,
                 retry_after_s: int | None = None) -> web.Response:
         self.outcomes[error] += 1
+        metrics.TOKEN_REQUESTS.labels(error).inc()
+        if error == "store_unavailable":
+            metrics.STORE_ERRORS.inc()
         log_event(log, "token_api.refused", error=error, detail=detail)
         return api_error(status, error, detail, retry_after_s)
 
@@ -223,6 +227,7 @@ class ControlPlane:
                 log_event(log, "store.unavailable", level=logging.WARNING, detail=str(e))
                 return self._refuse(503, "store_unavailable",
                                     "the guardrail store is unreachable", retry_after_s=5)
+            metrics.STORE_ERRORS.inc()
             guardrail = {"ratio": None, "soft_breach": False, "uncounted": True}
         else:
             state = evaluate(fallback, total, threshold=self.config.guardrail_threshold,
@@ -238,12 +243,17 @@ class ControlPlane:
                            issuer="beach-rescue-control-plane",
                            audience=self.config.token_audience)
         self.outcomes["issued"] += 1
+        metrics.TOKEN_REQUESTS.labels("issued").inc()
+        metrics.TOKENS_ISSUED.labels(
+            "uncounted" if guardrail.get("uncounted") else
+            "soft_breach" if guardrail["soft_breach"] else "ok").inc()
         return web.json_response({
             "token": token, "expires_at": rfc3339(int(now) + ttl), "cohort": body.cohort_id,
             "relay_url": self.relay_url, "guardrail": guardrail})
 
     def _note_breach(self, cohort: str, state: GuardrailState, now: float) -> None:
         if state.soft_breach and self.breaches.first(cohort, now):
+            metrics.SOFT_BREACHES.inc()
             log_event(log, "guardrail_soft_breach", level=logging.WARNING, cohort=cohort,
                       ratio=round(state.ratio, 6), fallback=state.fallback,
                       total=state.total, threshold=self.config.guardrail_threshold)
@@ -279,6 +289,7 @@ class ControlPlane:
             return self._refuse(503, "store_unavailable", "the guardrail store is unreachable",
                                 retry_after_s=5)
         self.outcomes["session_counted"] += 1
+        metrics.SESSIONS_COUNTED.inc()
         return web.json_response({"cohort": body.cohort_id, "sessions_this_hour": total})
 
     async def set_pause(self, request: web.Request) -> web.Response:

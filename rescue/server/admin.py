@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from rescue import metrics
 from rescue.admission import bearer_token
 from rescue.codes import ErrorCode
 from rescue.server.peer import Peer
@@ -63,6 +64,19 @@ def admin_app(relay: Relay) -> web.Application:
                                       "detail": "admin key required"}, status=401)
         return web.json_response(stats_snapshot(relay, request.query.get("session")))
 
+    metrics_key = relay.config.metrics_key.encode()
+
+    async def metrics_handler(request: web.Request) -> web.Response:
+        if metrics_key:
+            given = (bearer_token(request.headers.get("Authorization")) or "").encode()
+            if not hmac.compare_digest(given, metrics_key):
+                return web.json_response({"error": "unauthenticated",
+                                          "detail": "metrics key required"}, status=401)
+        return web.Response(body=metrics.exposition(),
+                            content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
     app = web.Application()
     app.router.add_get("/debug/stats", debug_stats)
+    app.router.add_get("/metrics", metrics_handler)
     return app

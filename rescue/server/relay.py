@@ -17,6 +17,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Coroutine
+from time import perf_counter
 from typing import Any, TypeVar
 
 from aiohttp import WSMsgType, web
@@ -226,6 +227,7 @@ class Relay:
     async def _close_handshake(self, ws: web.WebSocketResponse, code: CloseCode,
                                detail: str) -> None:
         self.stats.closes[code.name] += 1
+        self.stats.handshake_refusals[code.name] += 1
         log_event(log, "hello.refused", code=int(code), reason=code.reason, detail=detail)
         await ws.close(code=code, message=code.reason.encode())
 
@@ -306,6 +308,10 @@ class Relay:
         rate_allow = peer.rate.allow
         session = peer.session
         slow_timeout = self.config.slow_consumer_timeout_s
+        kind_messages, kind_bytes = stats.kind_messages, stats.kind_bytes
+        samples = stats.samples
+        sampling = peer.telemetry  # only opted-in peers feed the size/latency histograms
+        started = 0.0
         code = CloseCode.NORMAL
         reason = "closed"
         try:
@@ -313,6 +319,8 @@ class Relay:
                 msg = await receive()
                 kind_of_msg = msg.type
                 if kind_of_msg is _BINARY:
+                    if sampling:
+                        started = perf_counter()
                     data: bytes = msg.data
                     kind = check_frame(data)
                     size = len(data)
@@ -345,8 +353,10 @@ class Relay:
                         delivered += 1
                         if receiver.protocol.writing_paused:
                             paused = True
-                    stats.messages_forwarded += delivered
-                    stats.bytes_forwarded += size * delivered
+                    kind_messages[kind] += delivered
+                    kind_bytes[kind] += size * delivered
+                    if sampling and not peer.rx_msgs & 63 and len(samples) < 1024:
+                        samples.append((size, perf_counter() - started))
                     if delivered != len(receivers):
                         stats.frames_to_closing += len(receivers) - delivered
                     if paused:

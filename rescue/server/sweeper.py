@@ -68,7 +68,10 @@ def sweep_once(relay: Relay, now: float) -> None:
                 peer.close(CloseCode.SLOW_CONSUMER, "evicted")
         else:
             peer.paused_since = None
-    stats.sessions_expired += len(relay.registry.expire(now))
+    for session in relay.registry.expire_sessions(now):
+        stats.sessions_expired += 1
+        if len(stats.session_ages) < 4096:
+            stats.session_ages.append(now - session.created_at)
 
 
 async def run_sweeper(relay: Relay) -> None:

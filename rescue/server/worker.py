@@ -24,7 +24,7 @@ import setproctitle
 import uvloop
 from aiohttp import web
 
-from rescue import control
+from rescue import control, metrics
 from rescue.codes import CloseCode
 from rescue.config import Config
 from rescue.controlplane import service as controlplane
@@ -42,6 +42,7 @@ from rescue.server.app import (
     load_verifier,
     quiet_aiohttp_server_errors,
 )
+from rescue.server.export import WorkerExport
 from rescue.server.relay import Relay
 from rescue.server.sweeper import run_sweeper
 
@@ -110,12 +111,14 @@ async def drain_peers(relay: Relay, drainer: Drainer) -> bool:
         # Sessions together: both sides of a session reconnect at about the same time.
         for peer in sorted(relay.peers, key=lambda p: p.session.session_id)[:step.notify]:
             peer.write_text(encode_draining(drainer.reconnect_after_ms()))
+            relay.stats.drain_notified += 1
             relay.stats.closes[CloseCode.SERVER_SHUTDOWN.name] += 1
             peer.close(CloseCode.SERVER_SHUTDOWN, "draining")
         if step.finished:
             break
         await asyncio.sleep(DRAIN_TICK_S)
     completed = step.phase is Phase.DRAINED
+    metrics.DRAINS.labels("drained" if completed else "deadline").inc()
     log_event(log, "drain.completed" if completed else "drain.deadline",
               level=logging.INFO if completed else logging.WARNING, left=relay.connections)
     return completed
@@ -235,8 +238,14 @@ async def run_worker(config: Config, sockets: WorkerSockets) -> int:
                    if store is not None else None)
     pause_watch = loop.create_task(watch_pause(relay, pause_cache, config.pause_poll_s))
 
+    export = WorkerExport(relay)
+
     def beat() -> None:
         channel.send(control.Beat(stats=relay.beat_stats()))
+        try:
+            export.fold(acceptor.stats)
+        except Exception:  # metrics must never take a worker down
+            log.exception("metrics.fold_failed")
 
     async def beats() -> None:
         while True:
@@ -250,6 +259,7 @@ async def run_worker(config: Config, sockets: WorkerSockets) -> int:
     loop.add_signal_handler(signal.SIGQUIT, channel.messages.put_nowait, control.Stop())
     channel.send(control.Ready())
     await _obey(channel, acceptor, relay, config)
+    beat()  # the last numbers, so nothing counted since the previous beat is lost
     for task in (beater, sweeper, pause_watch):
         task.cancel()
     for task in (beater, sweeper, pause_watch):
