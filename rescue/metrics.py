@@ -32,6 +32,8 @@ ENV = MULTIPROC_ENV
 P = "beach_rescue_"
 
 # --- connections and sessions (gauges summed over live workers) -------------------------
+WORKERS = Gauge(P + "workers", "Worker processes alive (each reports 1).",
+                multiprocess_mode="livesum")
 CONNECTIONS = Gauge(P + "connections", "Open WebSocket connections, handshakes included.",
                     multiprocess_mode="livesum")
 PEERS = Gauge(P + "peers", "Peers joined to a session.", multiprocess_mode="livesum")

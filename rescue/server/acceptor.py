@@ -135,6 +135,7 @@ class Acceptor:
                 raise
             conn.setblocking(False)
             self.stats.accepted += 1
+            log_event(log, "connection.accepted", level=logging.DEBUG, slot=self.slot)
             peek = _Peek(self, conn)
             self._pending.add(peek)
             peek.attempt()
@@ -188,6 +189,7 @@ class Acceptor:
                        "the worker owning this session is unavailable", 1)
             return
         self.stats.handed_off += 1
+        log_event(log, "handoff", level=logging.DEBUG, slot=self.slot, owner=owner)
         conn.close()
 
     # --- adopt ---------------------------------------------------------------------------

@@ -23,6 +23,7 @@ class WorkerExport:
         """Publish gauges and add the counters' growth since the previous call."""
         relay, add = self.relay, self.folder.add
         stats = relay.stats
+        metrics.WORKERS.set(1)
         metrics.CONNECTIONS.set(relay.connections)
         metrics.PEERS.set(len(relay.peers))
         metrics.SESSIONS.set(len(relay.registry))

@@ -275,6 +275,8 @@ class Relay:
             return None
         peer.member = joined.member
         self.peers.add(peer)
+        if session.member_count == 1 and not joined.replaced:
+            log_event(log, "session.joined", session_age_s=round(now - session.created_at, 3))
         self.stats.handshakes_ok += 1
         # No await from here to the end of the fan-out: the server hello is the first
         # message the peer gets, and events reach everyone in a consistent order.

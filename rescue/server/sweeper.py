@@ -72,6 +72,7 @@ def sweep_once(relay: Relay, now: float) -> None:
         stats.sessions_expired += 1
         if len(stats.session_ages) < 4096:
             stats.session_ages.append(now - session.created_at)
+        log_event(log, "session.left", duration_s=round(now - session.created_at, 3))
 
 
 async def run_sweeper(relay: Relay) -> None:
