@@ -1,0 +1,171 @@
+"""A Redis outage under a relay that keeps its control-plane state there.
+
+While Redis is down (SIGKILL) the token API answers 503 ``store_unavailable`` with
+``Retry-After`` (or, with ``store_fail_open``, issues uncounted tokens), ``/v1/status``
+reports the store unhealthy, and the relay itself keeps relaying: open sessions go on
+and new peers still join. When Redis comes back on the same port the API recovers by
+itself, within a bounded time, without a restart of the relay.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.support.client import TestPeer, join
+from tests.support.observe import wait_until
+from tests.support.probes import unique_session
+from tests.support.redis import RedisServer
+from tests.support.relay import RelayProcess
+
+RelayFactory = Callable[..., RelayProcess]
+
+SERVICE_KEY = "outage-service-key"
+ADMIN_KEY = "outage-admin-key"
+REDIS_TIMEOUT_S = 0.2
+PAUSE_POLL_S = 0.3
+OUTAGE_ANSWER_S = 3.0  # a refused request must not hang on the dead store
+RECOVERY_S = 10.0
+IO_TIMEOUT_S = 10.0
+STATUS_SAMPLES = 6
+
+
+@pytest.fixture
+async def fresh_http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client that opens a new connection per request (so requests reach every worker)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+        yield http
+
+
+def start(relay_factory: RelayFactory, key_dir: Path, redis_server: RedisServer,
+          **extra: Any) -> RelayProcess:
+    settings: dict[str, Any] = {
+        "service_keys": SERVICE_KEY, "admin_key": ADMIN_KEY, "signing_keys": str(key_dir),
+        "redis_url": redis_server.url, "redis_timeout_s": REDIS_TIMEOUT_S,
+        "pause_poll_s": PAUSE_POLL_S}
+    settings.update(extra)
+    return relay_factory(**settings)
+
+
+async def call(http: aiohttp.ClientSession, relay: RelayProcess, path: str, body: Any,
+               key: str = SERVICE_KEY) -> tuple[int, dict[str, str], Any]:
+    """POST ``/v1<path>``; return (status, headers, JSON body)."""
+    async with http.post(relay.http_url("/v1" + path), json=body,
+                         headers={"Authorization": f"Bearer {key}"},
+                         timeout=aiohttp.ClientTimeout(total=IO_TIMEOUT_S)) as resp:
+        return resp.status, dict(resp.headers), await resp.json()
+
+
+async def token_for(http: aiohttp.ClientSession, relay: RelayProcess,
+                    session_id: str) -> dict[str, Any]:
+    status, _, body = await call(http, relay, "/fallback/token", {"session_id": session_id})
+    assert status == 200, body
+    return dict(body)
+
+
+async def open_pair(http: aiohttp.ClientSession, relay: RelayProcess, session_id: str,
+                    token: str) -> tuple[TestPeer, TestPeer]:
+    host = await join(http, relay, session_id, "host", f"h-{session_id}", token=token)
+    part = await join(http, relay, session_id, "participant", f"p-{session_id}", token=token)
+    await assert_relaying(host, part)
+    return host, part
+
+
+async def assert_relaying(host: TestPeer, part: TestPeer) -> None:
+    await host.send_frame(b"ping from host")
+    assert (await part.recv_frame()).payload == b"ping from host"
+    await part.send_frame(b"pong from participant")
+    assert (await host.recv_frame()).payload == b"pong from participant"
+
+
+async def store_health(http: aiohttp.ClientSession, relay: RelayProcess) -> set[bool]:
+    """``store_healthy`` of ``/v1/status`` over several fresh connections."""
+    seen = set()
+    for _ in range(STATUS_SAMPLES):
+        async with http.get(relay.http_url("/v1/status"),
+                            timeout=aiohttp.ClientTimeout(total=IO_TIMEOUT_S)) as resp:
+            seen.add(bool((await resp.json())["store_healthy"]))
+    return seen
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_outage_refuses_tokens_keeps_relaying_and_recovers(
+        relay_factory: RelayFactory, key_dir: Path, redis_server: RedisServer,
+        fresh_http: aiohttp.ClientSession, workers: int) -> None:
+    relay = start(relay_factory, key_dir, redis_server, workers=workers)
+    http = fresh_http
+    sid = unique_session("outage")
+    host, part = await open_pair(http, relay, sid, (await token_for(http, relay, sid))["token"])
+    assert await store_health(http, relay) == {True}
+
+    redis_server.kill()
+    started = time.monotonic()
+    status, headers, body = await call(http, relay, "/fallback/token",
+                                       {"session_id": unique_session("during")})
+    assert time.monotonic() - started < OUTAGE_ANSWER_S
+    assert (status, body["error"]) == (503, "store_unavailable"), body
+    assert int(headers["Retry-After"]) > 0
+    status, headers, body = await call(http, relay, "/sessions", {"cohort_id": "public"})
+    assert (status, body["error"]) == (503, "store_unavailable"), body
+    assert int(headers["Retry-After"]) > 0
+    status, _, body = await call(http, relay, "/admin/pause", {}, key=ADMIN_KEY)
+    assert (status, body["error"]) == (503, "store_unavailable"), body
+
+    # The relay does not need Redis: open sessions go on and new peers join.
+    await assert_relaying(host, part)
+    fresh = unique_session("fresh")
+    new_host, new_part = await open_pair(http, relay, fresh, relay.mint(fresh))
+    await wait_until(lambda: _health_is(http, relay, {False}), "store_healthy false",
+                     within_s=RECOVERY_S)
+
+    redis_server.restart()
+
+    async def token_issued() -> bool:
+        status, _, _ = await call(http, relay, "/fallback/token",
+                                  {"session_id": unique_session("after")})
+        assert status in (200, 503), status
+        return status == 200
+
+    await wait_until(token_issued, "the token API to recover", within_s=RECOVERY_S)
+    await wait_until(lambda: _health_is(http, relay, {True}), "store_healthy true",
+                     within_s=RECOVERY_S)
+    after = unique_session("after")
+    body = await token_for(http, relay, after)
+    assert isinstance(body["guardrail"]["ratio"], float)
+    await open_pair(http, relay, after, body["token"])
+    for a, b in ((host, part), (new_host, new_part)):
+        await assert_relaying(a, b)
+
+
+async def _health_is(http: aiohttp.ClientSession, relay: RelayProcess, want: set[bool]) -> bool:
+    return await store_health(http, relay) == want
+
+
+async def test_fail_open_issues_uncounted_tokens_during_the_outage(
+        relay_factory: RelayFactory, key_dir: Path, redis_server: RedisServer,
+        fresh_http: aiohttp.ClientSession) -> None:
+    relay = start(relay_factory, key_dir, redis_server, workers=1, store_fail_open=True)
+    http = fresh_http
+    counted = await token_for(http, relay, unique_session("before"))
+    assert counted["guardrail"] == {"ratio": 1.0, "soft_breach": True}
+
+    redis_server.kill()
+    sid = unique_session("open")
+    body = await token_for(http, relay, sid)
+    assert body["guardrail"]["uncounted"] is True
+    assert body["guardrail"]["soft_breach"] is False
+    host, part = await open_pair(http, relay, sid, body["token"])
+
+    redis_server.restart()
+
+    async def counted_again() -> bool:
+        guardrail = (await token_for(http, relay, unique_session("back")))["guardrail"]
+        return "uncounted" not in guardrail
+
+    await wait_until(counted_again, "tokens to be counted again", within_s=RECOVERY_S)
+    await assert_relaying(host, part)
