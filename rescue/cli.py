@@ -40,6 +40,35 @@ def _parser() -> argparse.ArgumentParser:
                       help="capability claim, repeatable (default: fallback-ws)")
     mint.add_argument("--issuer", default="beach-rescue-cli", help="`iss` claim")
 
+    probe = commands.add_parser(
+        "probe", help="check a relay end to end (exit 0 ok, 3 no token, 4 refused, "
+                      "5 protocol failure, 6 timeout)")
+    probe.add_argument("--url", help="relay WebSocket URL, e.g. ws://127.0.0.1:9443/ws "
+                                     "(default: the control plane's relay_url)")
+    source = probe.add_mutually_exclusive_group()
+    source.add_argument("--token", help="use this token (its `sid` is the session)")
+    source.add_argument("--keys", metavar="DIR",
+                        help="mint a token with the private key in DIR "
+                             "(default: the development keys)")
+    source.add_argument("--control-plane", metavar="URL",
+                        help="get a token from this control plane's /v1/fallback/token")
+    probe.add_argument("--kid", help="key id to sign with, with --keys (default: newest)")
+    probe.add_argument("--service-key", help="bearer service key for --control-plane")
+    probe.add_argument("--service-key-file", metavar="PATH",
+                       help="file whose first line is the service key")
+    probe.add_argument("--cohort", default="probe", help="cohort of the probe's tokens")
+    probe.add_argument("--session", help="session id (default: probe-<random>)")
+    probe.add_argument("--frames", type=int, default=10,
+                       help="data frames and heartbeats each way (default 10)")
+    probe.add_argument("--timeout", type=float, default=10.0,
+                       help="seconds to wait for each answer (default 10)")
+    probe_output = probe.add_mutually_exclusive_group()
+    probe_output.add_argument("--json", action="store_true", help="print the result as JSON")
+    probe_output.add_argument("--push-text", action="store_true",
+                              help="print the result as Prometheus text (for a Pushgateway)")
+    probe.add_argument("--metrics-file", metavar="PATH",
+                       help="write the result as a Prometheus textfile-collector file")
+
     config = commands.add_parser("config", help="inspect the configuration")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     config_commands.add_parser("docs", help="print the Markdown configuration reference")
@@ -95,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve_control_plane(config)
         if args.command == "token":
             return _cmd_token(args, config)
+        if args.command == "probe":
+            from rescue.probe import run_command
+
+            return run_command(args, config)
         if args.config_command == "docs":
             sys.stdout.write(reference_markdown())
             return 0

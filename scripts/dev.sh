@@ -49,6 +49,7 @@ TXT
 test)
     shift
     command -v redis-server >/dev/null || apt_install redis-server
+    command -v promtool >/dev/null || apt_install prometheus
     venv
     "$VENV/bin/ruff" check rescue supervisor tests benches load
     "$VENV/bin/mypy"

@@ -65,25 +65,30 @@ class Peer:
         transport.set_write_buffer_limits(high=high, low=relay.config.write_low_water_bytes)
 
     # --- writing ---------------------------------------------------------------------
+    def _write(self, data: bytes) -> None:
+        """Write unless the peer is closing or its connection is already gone.
+
+        The client may vanish before this peer's own task has noticed (and closed it);
+        uvloop refuses writes to such a transport, so they are skipped here.
+        """
+        if not self.closing and not self.transport.is_closing():
+            self.transport.write(data)
+
     def echo_heartbeat(self, data: bytes) -> None:
         """Answer a heartbeat frame to its sender (not counted as relayed traffic)."""
-        if not self.closing:
-            self.transport.write(binary_frame(data))
+        self._write(binary_frame(data))
 
     def write_text(self, text: str) -> None:
         """Queue one text message (an event) unless the peer is closing."""
-        if not self.closing:
-            self.transport.write(text_frame(text))
+        self._write(text_frame(text))
 
     def ping(self) -> None:
         """Send a WebSocket ping (liveness probe of a silent peer)."""
-        if not self.closing:
-            self.transport.write(control_frame(OP_PING))
+        self._write(control_frame(OP_PING))
 
     def pong(self, payload: bytes) -> None:
         """Answer a client's ping."""
-        if not self.closing:
-            self.transport.write(control_frame(OP_PONG, payload[:125]))
+        self._write(control_frame(OP_PONG, payload[:125]))
 
     @property
     def write_buffer_size(self) -> int:

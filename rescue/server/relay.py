@@ -349,7 +349,10 @@ class Relay:
                     for receiver in receivers:
                         if receiver.closing:
                             continue
-                        receiver.transport.write(frame)
+                        try:
+                            receiver.transport.write(frame)
+                        except RuntimeError:  # its connection is gone; its task closes it
+                            continue
                         receiver.tx_msgs += 1
                         receiver.tx_bytes += size
                         delivered += 1

@@ -1,0 +1,678 @@
+"""``beach-rescue probe``: a synthetic end-to-end check of a relay, blackbox style.
+
+One run gets a token (given, minted with a local key, or asked of the control plane),
+joins a fresh session as a host and as a participant, relays data frames both ways and
+checks each arrives byte-exact and in order, measures heartbeat round trips and one-way
+latency, closes both connections with 1000 and returns a :class:`ProbeResult`. A failure
+names its step (``token``, ``connect-host``, ``hello-host``, ``connect-participant``,
+``hello-participant``, ``join``, ``relay``, ``heartbeat``, ``close``) and its class, the
+exit code: 3 no token, 4 connection or HTTP refusal, 5 protocol or data failure,
+6 timeout (1: an internal error, or the metrics file could not be written).
+
+Frames go one at a time (send, then wait for that frame), so each one-way latency is a
+clean measurement: host and participant share this process's monotonic clock. Results
+print as text or JSON, and as Prometheus text: a file for node_exporter's textfile
+collector (temp file + rename) or stdout for a Pushgateway. The token and the service key
+travel in ``Authorization`` headers only and are scrubbed from every reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import contextlib
+import math
+import os
+import secrets
+import struct
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import aiohttp
+import jwt
+import msgspec
+from prometheus_client import CollectorRegistry, generate_latest, write_to_textfile
+from prometheus_client.core import GaugeMetricFamily, Metric
+from yarl import URL
+
+from rescue import __version__, hello, keys, tokens
+from rescue.frames import HEADER_SIZE, FrameError, Kind, decode_frame, encode_frame
+
+if TYPE_CHECKING:
+    from rescue.config import Config
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+EXIT_NO_TOKEN, EXIT_REFUSED, EXIT_PROTOCOL, EXIT_TIMEOUT = 3, 4, 5, 6
+MAX_FRAMES: Final = 400
+"""Each connection sends 2 x frames + 1 messages: below the relay's default burst of 1000."""
+PROBE_COHORT: Final = "probe"
+TOKEN_PATH: Final = "/v1/fallback/token"
+TOKEN_TTL_S: Final = 60
+USER_AGENT: Final = f"beach-rescue-probe/{__version__}"
+
+_DATA = struct.Struct(">4sQI")  # marker, send time (monotonic ns), frame index
+_MARKER = b"BRP1"
+_STAMP = struct.Struct(">Q")  # heartbeat payload: send time (monotonic ns)
+_MAX_ERROR_BODY = 8192
+
+
+class ProbeFailure(Exception):
+    """The probe stopped at ``step`` because of ``reason``; ``exit_code`` classifies it."""
+
+    def __init__(self, step: str, reason: str, exit_code: int) -> None:
+        super().__init__(f"probe failed at {step}: {reason}")
+        self.step, self.reason, self.exit_code = step, reason, exit_code
+
+
+class LatencyStats(msgspec.Struct, frozen=True):
+    """Latency samples in seconds: count, min, mean, nearest-rank quantiles, max."""
+
+    count: int
+    min: float
+    avg: float
+    p50: float
+    p90: float
+    p99: float
+    max: float
+
+
+def summarize(samples: Sequence[float]) -> LatencyStats | None:
+    """Return the summary of ``samples`` (seconds), or None when there are none."""
+    if not samples:
+        return None
+    ordered = sorted(samples)
+
+    def rank(q: float) -> float:
+        return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+    return LatencyStats(count=len(ordered), min=ordered[0],
+                        avg=math.fsum(ordered) / len(ordered), p50=rank(0.5), p90=rank(0.9),
+                        p99=rank(0.99), max=ordered[-1])
+
+
+class ProbeResult(msgspec.Struct):
+    """What one run found; ``ok`` is true exactly when ``step`` and ``reason`` are None.
+
+    ``target`` is the relay URL without query or credentials; latencies are in seconds.
+    """
+
+    target: str
+    session_id: str
+    started_at: float
+    ok: bool = False
+    step: str | None = None
+    reason: str | None = None
+    exit_code: int = EXIT_OK
+    duration_s: float = 0.0
+    frames_sent: int = 0
+    frames_received: int = 0
+    rtt_s: list[float] = msgspec.field(default_factory=list)
+    host_to_participant_s: list[float] = msgspec.field(default_factory=list)
+    participant_to_host_s: list[float] = msgspec.field(default_factory=list)
+    host_connection_id: str | None = None
+    participant_connection_id: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenSource:
+    """Where the token comes from: ``token``, else ``control_plane``, else ``key_dir``.
+
+    The service key is ``service_key`` or the first line of ``service_key_file``.
+    """
+
+    token: str | None = None
+    key_dir: Path | None = None
+    kid: str | None = None
+    control_plane: str | None = None
+    service_key: str | None = None
+    service_key_file: Path | None = None
+    cohort: str = PROBE_COHORT
+    audience: str = tokens.DEFAULT_AUDIENCE
+    issuer: str = "beach-rescue-probe"
+
+
+@dataclass(frozen=True)
+class ProbeOptions:
+    """One probe run: relay URL (None: the control plane's ``relay_url``) and limits."""
+
+    url: str | None
+    source: TokenSource
+    session_id: str
+    frames: int = 10
+    timeout_s: float = 10.0
+
+
+def check_server_hello(answer: hello.ServerHello, client_nonce: str) -> str | None:
+    """Return what is wrong with ``answer`` as the reply to ``client_nonce``, or None."""
+    try:
+        server_nonce = base64.b64decode(answer.server_nonce, validate=True)
+    except (binascii.Error, ValueError):
+        server_nonce = b""
+    problems = [
+        (answer.protocol_version != 1, f"protocol_version {answer.protocol_version}, not 1"),
+        (answer.ack_nonce != client_nonce, "ack_nonce does not echo the client_nonce"),
+        (len(server_nonce) != 16, "server_nonce is not base64 of 16 bytes"),
+        (answer.compression != "none", f"compression {answer.compression!r}, not 'none'"),
+        (not answer.heartbeat_s > 0, f"heartbeat_s {answer.heartbeat_s} is not positive"),
+        (not answer.connection_id, "connection_id is empty"),
+    ]
+    return next((problem for bad, problem in problems if bad), None)
+
+
+def session_of_token(token: str) -> str | None:
+    """Return the ``sid`` claim of ``token``, read without verifying it, or None."""
+    try:
+        sid = jwt.decode(token, options={"verify_signature": False}).get("sid")
+    except jwt.PyJWTError:
+        return None
+    return sid if isinstance(sid, str) and hello.is_valid_session_id(sid) else None
+
+
+def relay_target(url: str) -> URL:
+    """Return the relay URL to connect to: no credentials, no ``token`` query parameter."""
+    parsed = URL(url).with_user(None)
+    return parsed.with_query({k: v for k, v in parsed.query.items() if k != "token"})
+
+
+def _display(url: URL) -> str:
+    return str(url.with_query(None).with_fragment(None))
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, aiohttp.ClientConnectorError):
+        errno = error.os_error.errno
+        why = os.strerror(errno) if errno else str(error.os_error)
+        return f"cannot connect to {error.host}:{error.port}: {why}"
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def _parse_event(text: str) -> hello.ServerMessage | None:
+    """A relay text message, or None for one of an unknown type (clients ignore those)."""
+    try:
+        return hello.parse_server_message(text)
+    except hello.HelloError:
+        return None
+
+
+def _mismatch(got: bytes, wanted: bytes, what: str) -> str:
+    try:
+        frame = decode_frame(got)
+    except FrameError as e:
+        return f"{what}: malformed frame ({e.detail})"
+    tail = HEADER_SIZE + _DATA.size
+    if frame.kind is Kind.DATA and len(got) == len(wanted) and got[tail:] != wanted[tail:]:
+        marker, _, index = _DATA.unpack_from(frame.payload)
+        if marker == _MARKER:
+            return f"{what}: out of order, frame {index} arrived instead"
+    return (f"{what} arrived altered ({frame.kind.name.lower()} frame of {len(got)} bytes, "
+            f"{len(wanted)} sent)")
+
+
+class _RefusalBodies:
+    """Keeps the ``error`` code of the last refused upgrade (aiohttp drops the body)."""
+
+    def __init__(self) -> None:
+        self.last: str | None = None
+        self.trace = aiohttp.TraceConfig()
+        self.trace.on_request_end.append(self._on_request_end)
+
+    async def _on_request_end(self, _session: aiohttp.ClientSession, _ctx: Any,
+                              params: aiohttp.TraceRequestEndParams) -> None:
+        response = params.response
+        if params.headers.get("Upgrade") != "websocket" or response.status == 101:
+            return
+        body = b""
+        while len(body) < _MAX_ERROR_BODY:
+            chunk = await response.content.read(_MAX_ERROR_BODY - len(body))
+            if not chunk:
+                break
+            body += chunk
+        try:
+            error = msgspec.json.decode(body).get("error")
+        except (msgspec.DecodeError, AttributeError):
+            return
+        self.last = error if isinstance(error, str) else None
+
+
+@dataclass
+class _Peer:
+    role: hello.Role
+    peer_id: str
+    ws: aiohttp.ClientWebSocketResponse[Any]
+    counterpart: str = ""
+    seq: int = 0
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+
+def _is(kind: type[hello.PeerJoined | hello.PeerLeft],
+        peer_id: str) -> Callable[[hello.ServerMessage], bool]:
+    return lambda event: isinstance(event, kind) and event.peer_id == peer_id
+
+
+class _Run:
+    """The steps of one run; each raises :class:`ProbeFailure` when it fails."""
+
+    def __init__(self, http: aiohttp.ClientSession, url: URL, token: str, *,
+                 options: ProbeOptions, result: ProbeResult, refusals: _RefusalBodies) -> None:
+        self.http, self.token, self.options = http, token, options
+        self.url = url.update_query(session=options.session_id)
+        self.timeout = options.timeout_s
+        self.result, self.refusals = result, refusals
+        self.peers: list[_Peer] = []
+        self.step = "connect-host"
+
+    async def run(self) -> None:
+        host = await self._join("host")
+        participant = await self._join("participant")
+        host.counterpart, participant.counterpart = participant.peer_id, host.peer_id
+        self.step = "join"
+        await self._await_event(host, _is(hello.PeerJoined, participant.peer_id),
+                                "peer_joined for the participant")
+        await self._await_event(participant, _is(hello.PeerJoined, host.peer_id),
+                                "peer_joined for the host")
+        self.step = "relay"
+        await self._relay(host, participant, self.result.host_to_participant_s)
+        await self._relay(participant, host, self.result.participant_to_host_s)
+        self.step = "heartbeat"
+        for peer in (host, participant):
+            await self._heartbeats(peer)
+        self.step = "close"
+        await self._close(participant)
+        await self._await_event(host, _is(hello.PeerLeft, participant.peer_id),
+                                "peer_left for the participant")
+        await self._close(host)
+
+    def _fail(self, reason: str, exit_code: int = EXIT_PROTOCOL) -> ProbeFailure:
+        return ProbeFailure(self.step, reason, exit_code)
+
+    async def _join(self, role: hello.Role) -> _Peer:
+        self.step, self.refusals.last = f"connect-{role}", None
+        try:
+            async with asyncio.timeout(self.timeout):
+                ws = await self.http.ws_connect(
+                    self.url, headers={"Authorization": f"Bearer {self.token}"}, compress=0,
+                    max_msg_size=0,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=self.timeout))
+        except aiohttp.WSServerHandshakeError as e:
+            if e.status == 101:
+                raise self._fail(f"bad upgrade answer: {e.message}") from None
+            raise self._fail(f"{e.status} {self.refusals.last or e.message}",
+                             EXIT_REFUSED) from None
+        except TimeoutError:
+            raise self._fail(f"no answer within {self.timeout:g}s", EXIT_TIMEOUT) from None
+        except (aiohttp.ClientError, OSError) as e:
+            raise self._fail(_describe(e), EXIT_REFUSED) from None
+        peer = _Peer(role, f"probe-{role[:4]}-{secrets.token_hex(6)}", ws)
+        self.peers.append(peer)
+        self.step = f"hello-{role}"
+        nonce = base64.b64encode(secrets.token_bytes(16)).decode("ascii")
+        await self._send(peer, hello.encode_client_hello(hello.ClientHello(
+            type="client_hello", session_id=self.options.session_id, role=role,
+            protocol_version=hello.PROTOCOL_VERSION, client_nonce=nonce,
+            compression=["none"], peer_id=peer.peer_id)))
+        message = await self._receive(peer, "server_hello")
+        answer = (_parse_event(message.data) if message.type is aiohttp.WSMsgType.TEXT
+                  else None)
+        if not isinstance(answer, hello.ServerHello):
+            raise self._fail("the first message is not a valid server_hello")
+        problem = check_server_hello(answer, nonce)
+        if problem is None and role == "participant" and not answer.peers.host:
+            problem = "it says no host is present"
+        if problem is not None:
+            raise self._fail(f"server_hello: {problem}")
+        if role == "host":
+            self.result.host_connection_id = answer.connection_id
+        else:
+            self.result.participant_connection_id = answer.connection_id
+        return peer
+
+    async def _send(self, peer: _Peer, data: str | bytes) -> None:
+        try:
+            if isinstance(data, str):
+                await peer.ws.send_str(data)
+            else:
+                await peer.ws.send_bytes(data)
+        except (aiohttp.ClientError, OSError, RuntimeError) as e:
+            raise self._fail(f"{peer.role} could not send: {_describe(e)}") from None
+
+    async def _receive(self, peer: _Peer, what: str) -> aiohttp.WSMessage:
+        """The next text or binary message of ``peer``; failure on close, error or timeout."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                message = await peer.ws.receive()
+        except TimeoutError:
+            raise self._fail(f"{what} not received within {self.timeout:g}s",
+                             EXIT_TIMEOUT) from None
+        if message.type is aiohttp.WSMsgType.CLOSE:
+            raise self._fail(f"closed {message.data} {message.extra or ''}".rstrip())
+        if message.type is aiohttp.WSMsgType.ERROR:
+            raise self._fail(f"connection error: {_describe(message.data)}")
+        if message.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+            raise self._fail(f"connection lost ({peer.ws.close_code}) waiting for {what}")
+        return message
+
+    def _check_event(self, peer: _Peer, event: hello.ServerMessage | None) -> None:
+        if isinstance(event, hello.PeerLeft) and event.peer_id == peer.counterpart:
+            raise self._fail(f"the {event.role} left ({event.reason})")
+        if isinstance(event, hello.Draining):
+            raise self._fail(f"the relay is draining ({peer.role} told to reconnect after "
+                             f"{event.reconnect_after_ms} ms)")
+
+    async def _await_event(self, peer: _Peer, wanted: Callable[[hello.ServerMessage], bool],
+                           what: str) -> None:
+        while True:
+            message = await self._receive(peer, f"{what} ({peer.role})")
+            if message.type is aiohttp.WSMsgType.TEXT:
+                event = _parse_event(message.data)
+                if event is not None and wanted(event):
+                    return
+                self._check_event(peer, event)
+
+    async def _next_frame(self, peer: _Peer, what: str) -> bytes:
+        while True:
+            message = await self._receive(peer, what)
+            if message.type is aiohttp.WSMsgType.BINARY:
+                return bytes(message.data)
+            self._check_event(peer, _parse_event(message.data))
+
+    async def _relay(self, sender: _Peer, receiver: _Peer, samples: list[float]) -> None:
+        for index in range(1, self.options.frames + 1):
+            payload = _DATA.pack(_MARKER, time.monotonic_ns(), index) + secrets.token_bytes(16)
+            wire = encode_frame(Kind.DATA, sender.next_seq(), payload)
+            await self._send(sender, wire)
+            self.result.frames_sent += 1
+            what = f"frame {index} ({sender.role}->{receiver.role})"
+            got = await self._next_frame(receiver, what)
+            while got[1] == Kind.HEARTBEAT:  # not ours: heartbeats go back to their sender
+                got = await self._next_frame(receiver, what)
+            arrived = time.monotonic_ns()
+            if got != wire:
+                raise self._fail(_mismatch(got, wire, what))
+            samples.append((arrived - _DATA.unpack_from(wire, HEADER_SIZE)[1]) / 1e9)
+            self.result.frames_received += 1
+
+    async def _heartbeats(self, peer: _Peer) -> None:
+        for index in range(1, self.options.frames + 1):
+            payload = _STAMP.pack(time.monotonic_ns()) + secrets.token_bytes(8)
+            wire = encode_frame(Kind.HEARTBEAT, peer.next_seq(), payload)
+            await self._send(peer, wire)
+            what = f"heartbeat {index} echo ({peer.role})"
+            echo = await self._next_frame(peer, what)
+            arrived = time.monotonic_ns()
+            if echo != wire:
+                raise self._fail(_mismatch(echo, wire, what))
+            self.result.rtt_s.append((arrived - _STAMP.unpack_from(wire, HEADER_SIZE)[0]) / 1e9)
+
+    async def _close(self, peer: _Peer) -> None:
+        await peer.ws.close(code=1000)  # waits at most ws_close (the timeout) for the answer
+        if peer.ws.close_code == 1000:
+            return
+        if isinstance(peer.ws.exception(), TimeoutError):
+            raise self._fail(f"{peer.role}: the relay did not answer the close within "
+                             f"{self.timeout:g}s", EXIT_TIMEOUT)
+        raise self._fail(f"{peer.role}: the relay answered the close with "
+                         f"{peer.ws.close_code}, not 1000")
+
+    async def abort(self) -> None:
+        """Close what is still open, giving each connection at most a second."""
+        for peer in self.peers:
+            if not peer.ws.closed:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1.0):
+                        await peer.ws.close()
+
+
+async def _obtain_token(http: aiohttp.ClientSession,
+                        options: ProbeOptions) -> tuple[str, str | None]:
+    """Return the token and the control plane's ``relay_url`` (None when not asked)."""
+    source = options.source
+    if source.token is not None:
+        return source.token, None
+    if source.control_plane is not None:
+        return await _fetch_token(http, options, source.control_plane)
+    try:
+        key = keys.load_signing_key(source.key_dir or Path("."), source.kid)
+        return tokens.mint_token(
+            key, session_id=options.session_id, now=time.time(), ttl_s=TOKEN_TTL_S,
+            cohort=source.cohort, issuer=source.issuer, audience=source.audience), None
+    except (keys.KeyStoreError, ValueError) as e:
+        raise ProbeFailure("token", str(e), EXIT_NO_TOKEN) from None
+
+
+async def _fetch_token(http: aiohttp.ClientSession, options: ProbeOptions,
+                       control_plane: str) -> tuple[str, str | None]:
+    source = options.source
+
+    def no_token(reason: str) -> ProbeFailure:
+        return ProbeFailure("token", reason, EXIT_NO_TOKEN)
+
+    service_key = source.service_key
+    if not service_key and source.service_key_file is not None:
+        try:
+            service_key = source.service_key_file.read_text().partition("\n")[0].strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise no_token(f"cannot read service key file {source.service_key_file}: "
+                           f"{getattr(e, 'strerror', None) or e}") from None
+    if not service_key:
+        raise no_token("no service key: pass --service-key or a non-empty --service-key-file")
+    base = URL(control_plane)
+    url = base if base.path.endswith(TOKEN_PATH) else base.with_path(
+        base.path.rstrip("/") + TOKEN_PATH)
+    body = {"session_id": options.session_id, "cohort_id": source.cohort,
+            "client_version": USER_AGENT, "telemetry_opt_in": False}
+    try:
+        async with asyncio.timeout(options.timeout_s), http.post(
+                url, json=body, headers={"Authorization": f"Bearer {service_key}"}) as response:
+            raw, status = await response.read(), response.status
+    except TimeoutError:
+        raise no_token(f"the control plane did not answer within "
+                       f"{options.timeout_s:g}s") from None
+    except (aiohttp.ClientError, OSError) as e:
+        raise no_token(f"control plane: {_describe(e)}") from None
+    try:
+        answer = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        answer = None
+    answer = answer if isinstance(answer, dict) else {}
+    if status != 200:
+        raise no_token(f"{status} {answer.get('error', 'refused')}")
+    token, relay_url = answer.get("token"), answer.get("relay_url")
+    if not isinstance(token, str) or not token:
+        raise no_token("the control plane answered without a token")
+    return token, relay_url if isinstance(relay_url, str) and relay_url else None
+
+
+async def run_probe(options: ProbeOptions) -> ProbeResult:
+    """Run one probe and return its result; a failure is reported in it, never raised."""
+    started = time.monotonic()
+    result = ProbeResult(target=_display(relay_target(options.url)) if options.url else "",
+                         session_id=options.session_id, started_at=time.time())
+    hidden = [options.source.token, options.source.service_key]
+    refusals = _RefusalBodies()
+    run: _Run | None = None
+    try:
+        async with aiohttp.ClientSession(headers={"User-Agent": USER_AGENT},
+                                         trace_configs=[refusals.trace]) as http:
+            try:
+                token, relay_url = await _obtain_token(http, options)
+                hidden.append(token)
+                url = options.url or relay_url
+                if url is None:
+                    raise ProbeFailure("token", "the control plane sent no relay_url; "
+                                       "pass --url", EXIT_NO_TOKEN)
+                result.target = _display(relay_target(url))
+                run = _Run(http, relay_target(url), token, options=options, result=result,
+                           refusals=refusals)
+                await run.run()
+                result.ok = True
+            finally:
+                if run is not None:
+                    await run.abort()
+    except ProbeFailure as e:
+        result.step, result.reason, result.exit_code = e.step, e.reason, e.exit_code
+    except Exception as e:  # a bug or an unforeseen error: report it like a failure
+        result.step = run.step if run is not None else "token"
+        result.reason, result.exit_code = f"internal error: {_describe(e)}", EXIT_ERROR
+    result.duration_s = time.monotonic() - started
+    for secret in hidden:
+        if secret and result.reason:
+            result.reason = result.reason.replace(secret, "<redacted>")
+    return result
+
+
+def report(result: ProbeResult) -> dict[str, Any]:
+    """Return the JSON document of ``--json``: outcome, target, counts and latency stats."""
+    return {
+        "ok": result.ok, "step": result.step, "reason": result.reason,
+        "exit_code": result.exit_code, "target": result.target,
+        "session_id": result.session_id, "started_at": round(result.started_at, 3),
+        "duration_s": round(result.duration_s, 6),
+        "frames": {"sent": result.frames_sent, "received": result.frames_received},
+        "rtt_s": summarize(result.rtt_s),
+        "one_way_s": {"host_to_participant": summarize(result.host_to_participant_s),
+                      "participant_to_host": summarize(result.participant_to_host_s)},
+        "connection_ids": {"host": result.host_connection_id,
+                           "participant": result.participant_connection_id},
+    }
+
+
+def failure_line(result: ProbeResult) -> str:
+    """Return ``probe failed at <step>: <reason>`` (or ``probe ok``)."""
+    return "probe ok" if result.ok else f"probe failed at {result.step}: {result.reason}"
+
+
+def format_summary(result: ProbeResult) -> str:
+    """Return the human summary of a run, one fact per line."""
+    lines = [f"{failure_line(result)}: {result.target} session {result.session_id}",
+             f"  frames: {result.frames_sent} sent, {result.frames_received} received "
+             "byte-exact and in order"]
+    for label, samples in (("rtt (heartbeat)", result.rtt_s),
+                           ("one-way host->participant", result.host_to_participant_s),
+                           ("one-way participant->host", result.participant_to_host_s)):
+        if (stats := summarize(samples)) is not None:
+            lines.append(f"  {label}, {stats.count} samples: min {stats.min * 1e3:.3f} ms, "
+                         f"avg {stats.avg * 1e3:.3f} ms, p90 {stats.p90 * 1e3:.3f} ms, "
+                         f"max {stats.max * 1e3:.3f} ms")
+    lines.append(f"  duration: {result.duration_s * 1e3:.1f} ms")
+    return "\n".join(lines)
+
+
+def _quantiles(stats: LatencyStats) -> tuple[tuple[str, float], ...]:
+    return (("0", stats.min), ("0.5", stats.p50), ("0.9", stats.p90), ("0.99", stats.p99),
+            ("1", stats.max))
+
+
+class _ResultCollector:
+    """Exposes one :class:`ProbeResult` as gauges, each labelled with the target."""
+
+    def __init__(self, result: ProbeResult) -> None:
+        self.result = result
+
+    def collect(self) -> Iterable[Metric]:
+        r = self.result
+
+        def family(name: str, doc: str, *labels: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"beach_rescue_probe_{name}", doc,
+                                     labels=["target", *labels])
+
+        rtt = summarize(r.rtt_s)
+        for name, doc, value in (
+                ("success", "1 if the last probe succeeded, else 0.", float(r.ok)),
+                ("duration_seconds", "Wall time of the last probe.", r.duration_s),
+                ("last_run_timestamp_seconds", "Unix time the last probe finished.",
+                 r.started_at + r.duration_s),
+                ("exit_code", "Exit status of the last probe (0: success).", r.exit_code),
+                ("rtt_avg_seconds", "Mean heartbeat round trip.", rtt.avg if rtt else None)):
+            if value is not None:
+                gauge = family(name, doc)
+                gauge.add_metric([r.target], value)
+                yield gauge
+        if not r.ok:
+            failed = family("failure_step", "Info: the step the last probe failed at.",
+                            "step", "exit_code")
+            failed.add_metric([r.target, r.step or "", str(r.exit_code)], 1.0)
+            yield failed
+        rtt_family = family("rtt_seconds", "Heartbeat round trip through the relay "
+                            "(quantile 0: minimum, 1: maximum).", "quantile")
+        for quantile, value in _quantiles(rtt) if rtt else ():
+            rtt_family.add_metric([r.target, quantile], value)
+        one_way = family("one_way_seconds", "One-way latency of data frames through the "
+                         "relay (quantile 0: minimum, 1: maximum).", "direction", "quantile")
+        for direction, samples in (("host_to_participant", r.host_to_participant_s),
+                                   ("participant_to_host", r.participant_to_host_s)):
+            stats = summarize(samples)
+            for quantile, value in _quantiles(stats) if stats else ():
+                one_way.add_metric([r.target, direction, quantile], value)
+        yield from (f for f in (rtt_family, one_way) if f.samples)
+
+
+def metrics_registry(result: ProbeResult) -> CollectorRegistry:
+    """Return a fresh registry (not the global one) holding the metrics of ``result``."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_ResultCollector(result))
+    return registry
+
+
+def write_metrics_file(result: ProbeResult, path: Path) -> None:
+    """Write ``result`` as a Prometheus text file, atomically (temp file, then rename)."""
+    write_to_textfile(str(path), metrics_registry(result))
+
+
+def options_from_args(args: argparse.Namespace, config: Config) -> ProbeOptions:
+    """Build the options of ``beach-rescue probe``; raises ``ValueError`` for bad usage."""
+    if not 1 <= args.frames <= MAX_FRAMES:
+        raise ValueError(f"--frames must be 1 to {MAX_FRAMES}")
+    if not (args.timeout > 0 and math.isfinite(args.timeout)):
+        raise ValueError("--timeout must be a positive number of seconds")
+    if args.url is None and args.control_plane is None:
+        raise ValueError("--url is required unless --control-plane supplies the relay_url")
+    if (args.service_key or args.service_key_file) and args.control_plane is None:
+        raise ValueError("--service-key and --service-key-file go with --control-plane")
+    session = args.session or (session_of_token(args.token) if args.token else None)
+    session = session or f"probe-{secrets.token_hex(6)}"
+    if not hello.is_valid_session_id(session):
+        raise ValueError("--session must be 1-128 characters of A-Z a-z 0-9 . _ -")
+    source = TokenSource(
+        token=args.token, kid=args.kid, control_plane=args.control_plane,
+        key_dir=Path(args.keys) if args.keys else config.resolved_state_dir() / "keys",
+        service_key=args.service_key,
+        service_key_file=Path(args.service_key_file) if args.service_key_file else None,
+        cohort=args.cohort, audience=config.token_audience,
+        issuer=config.token_issuer or "beach-rescue-probe")
+    return ProbeOptions(url=args.url, source=source, session_id=session, frames=args.frames,
+                        timeout_s=args.timeout)
+
+
+def run_command(args: argparse.Namespace, config: Config) -> int:
+    """Run ``beach-rescue probe`` from parsed arguments; return the exit status."""
+    try:
+        options = options_from_args(args, config)
+    except ValueError as e:
+        print(f"beach-rescue probe: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    result = asyncio.run(run_probe(options))
+    if args.json:
+        print(msgspec.json.encode(report(result)).decode())
+    elif args.push_text:
+        sys.stdout.write(generate_latest(metrics_registry(result)).decode())
+    elif result.ok:
+        print(format_summary(result))
+    if not result.ok:
+        print(failure_line(result), file=sys.stderr)
+    if args.metrics_file:
+        try:
+            write_metrics_file(result, Path(args.metrics_file))
+        except OSError as e:
+            print(f"beach-rescue probe: cannot write {args.metrics_file}: "
+                  f"{e.strerror or e}", file=sys.stderr)
+            return result.exit_code or EXIT_ERROR
+    return result.exit_code
