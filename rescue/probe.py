@@ -186,8 +186,9 @@ def _display(url: URL) -> str:
 
 def _describe(error: BaseException) -> str:
     if isinstance(error, aiohttp.ClientConnectorError):
-        errno = error.os_error.errno
-        why = os.strerror(errno) if errno else str(error.os_error)
+        cause = error.os_error  # asyncio's socket errors say "Connect call failed ..."
+        plain = type(cause) is OSError or isinstance(cause, ConnectionError)
+        why = os.strerror(cause.errno) if plain and cause.errno else cause.strerror or cause
         return f"cannot connect to {error.host}:{error.port}: {why}"
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
@@ -205,10 +206,9 @@ def _mismatch(got: bytes, wanted: bytes, what: str) -> str:
         frame = decode_frame(got)
     except FrameError as e:
         return f"{what}: malformed frame ({e.detail})"
-    tail = HEADER_SIZE + _DATA.size
-    if frame.kind is Kind.DATA and len(got) == len(wanted) and got[tail:] != wanted[tail:]:
+    if frame.kind is Kind.DATA and len(frame.payload) >= _DATA.size:
         marker, _, index = _DATA.unpack_from(frame.payload)
-        if marker == _MARKER:
+        if marker == _MARKER and index != _DATA.unpack_from(wanted, HEADER_SIZE)[2]:
             return f"{what}: out of order, frame {index} arrived instead"
     return (f"{what} arrived altered ({frame.kind.name.lower()} frame of {len(got)} bytes, "
             f"{len(wanted)} sent)")
@@ -271,6 +271,7 @@ class _Run:
         self.step = "connect-host"
 
     async def run(self) -> None:
+        """Walk every step in order; return only when all of them passed."""
         host = await self._join("host")
         participant = await self._join("participant")
         host.counterpart, participant.counterpart = participant.peer_id, host.peer_id
@@ -305,7 +306,7 @@ class _Run:
         except aiohttp.WSServerHandshakeError as e:
             if e.status == 101:
                 raise self._fail(f"bad upgrade answer: {e.message}") from None
-            raise self._fail(f"{e.status} {self.refusals.last or e.message}",
+            raise self._fail(f"{e.status} {self.refusals.last or 'without an error code'}",
                              EXIT_REFUSED) from None
         except TimeoutError:
             raise self._fail(f"no answer within {self.timeout:g}s", EXIT_TIMEOUT) from None
@@ -392,7 +393,7 @@ class _Run:
             self.result.frames_sent += 1
             what = f"frame {index} ({sender.role}->{receiver.role})"
             got = await self._next_frame(receiver, what)
-            while got[1] == Kind.HEARTBEAT:  # not ours: heartbeats go back to their sender
+            while got[1:2] == bytes([Kind.HEARTBEAT]):  # not ours: echoes go to their sender
                 got = await self._next_frame(receiver, what)
             arrived = time.monotonic_ns()
             if got != wire:

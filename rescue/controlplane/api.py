@@ -16,7 +16,7 @@ import hmac
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -329,13 +329,20 @@ class ControlPlane:
                                   "store_healthy": self.pause.healthy,
                                   "forced_by_config": self.config.fallback_paused})
 
+    def routes(self) -> list[tuple[str, str, Callable[[web.Request], Awaitable[web.Response]]]]:
+        """The API's ``(method, path, handler)`` routes."""
+        return [("POST", "/v1/fallback/token", self.token),
+                ("POST", "/v1/sessions", self.sessions),
+                ("POST", "/v1/admin/pause", self.set_pause),
+                ("POST", "/v1/admin/resume", self.resume),
+                ("GET", "/v1/status", self.status),
+                ("HEAD", "/v1/status", self.status)]
+
     def add_routes(self, app: web.Application) -> None:
-        """Mount the API's routes on ``app``."""
-        app.router.add_post("/v1/fallback/token", self.token)
-        app.router.add_post("/v1/sessions", self.sessions)
-        app.router.add_post("/v1/admin/pause", self.set_pause)
-        app.router.add_post("/v1/admin/resume", self.resume)
-        app.router.add_get("/v1/status", self.status)
+        """Mount the API's routes on ``app`` (the standalone control plane)."""
+        for method, path, handler in self.routes():
+            if method != "HEAD":
+                app.router.add_route(method, path, handler)
 
 
 class _BadBody(Exception):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -39,21 +39,10 @@ def build_app(relay: Relay, on_request: Callable[[web.Request], None],
 
     ``control`` mounts the control-plane API; ``control_elsewhere`` answers ``/v1/``
     requests with 503 because another worker slot serves them (a kept-alive connection
-    that was routed for another request).
+    that was routed for another request). There is no middleware: a middleware's frames
+    would live as long as every WebSocket connection (about 700 bytes each), so ``/ws``
+    is routed directly and everything else goes through one dispatcher.
     """
-
-    @web.middleware
-    async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-        on_request(request)
-        try:
-            return await handler(request)
-        except web.HTTPNotFound:
-            return error_response(ErrorCode.NOT_FOUND, f"no route for {request.path}")
-        except web.HTTPMethodNotAllowed as e:
-            response = error_response(ErrorCode.METHOD_NOT_ALLOWED,
-                                      f"{request.method} is not allowed on {request.path}")
-            response.headers["Allow"] = ", ".join(sorted(e.allowed_methods))
-            return response
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response(_health(relay))
@@ -62,22 +51,46 @@ def build_app(relay: Relay, on_request: Callable[[web.Request], None],
         body = _health(relay)
         return web.json_response(body, status=503 if relay.draining else 200)
 
-    app = web.Application(middlewares=[json_errors], client_max_size=16384)
-    app.router.add_get("/ws", relay.handle_ws)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+    routes: dict[str, dict[str, Handler]] = {
+        "/healthz": {"GET": healthz, "HEAD": healthz},
+        "/readyz": {"GET": readyz, "HEAD": readyz},
+    }
     if control is not None:
-        control.add_routes(app)
-    elif control_elsewhere:
-        async def misrouted(request: web.Request) -> web.Response:
-            refusal = error_response(ErrorCode.OVERLOADED, "control-plane requests are "
-                                     "served by another worker; reconnect on a new "
-                                     "connection", retry_after_s=0)
-            refusal.force_close()
-            return refusal
+        for method, path, handler in control.routes():
+            routes.setdefault(path, {})[method] = handler
 
-        app.router.add_route("*", "/v1/{tail:.*}", misrouted)
+    async def misrouted(request: web.Request) -> web.Response:
+        refusal = error_response(ErrorCode.OVERLOADED, "control-plane requests are served "
+                                 "by another worker; reconnect on a new connection",
+                                 retry_after_s=0)
+        refusal.force_close()
+        return refusal
+
+    async def dispatch(request: web.Request) -> web.StreamResponse:
+        on_request(request)
+        methods = routes.get(request.path)
+        if methods is None:
+            if control_elsewhere and request.path.startswith("/v1/"):
+                return await misrouted(request)
+            return error_response(ErrorCode.NOT_FOUND, f"no route for {request.path}")
+        handler = methods.get(request.method)
+        if handler is None:
+            return method_not_allowed(request, methods)
+        return await handler(request)
+
+    relay.on_request = on_request
+    app = web.Application(client_max_size=16384)
+    app.router.add_route("*", "/ws", relay.handle_ws)
+    app.router.add_route("*", "/{tail:.*}", dispatch)
     return app
+
+
+def method_not_allowed(request: web.Request, allowed: Iterable[str]) -> web.Response:
+    """The contract's 405 with its ``Allow`` header."""
+    response = error_response(ErrorCode.METHOD_NOT_ALLOWED,
+                              f"{request.method} is not allowed on {request.path}")
+    response.headers["Allow"] = ", ".join(sorted(allowed))
+    return response
 
 
 def _health(relay: Relay) -> dict[str, Any]:

@@ -83,6 +83,7 @@ class Relay:
         self.worker_slot = 0
         self.intake: Any = None
         self.cluster: list[dict[str, Any]] = []
+        self.on_request: Callable[[web.Request], None] = lambda request: None
         self.registry: Registry[Peer] = Registry(
             max_participants=config.max_participants,
             max_connections_per_session=config.max_connections_per_session,
@@ -167,6 +168,13 @@ class Relay:
     # --- the handler ---------------------------------------------------------------
     async def handle_ws(self, request: web.Request) -> web.StreamResponse:
         """Serve ``GET /ws``: admit, upgrade, hello, then relay until the peer leaves."""
+        self.on_request(request)
+        if request.method not in ("GET", "HEAD"):
+            self.stats.upgrades_refused[ErrorCode.METHOD_NOT_ALLOWED.code] += 1
+            response = error_response(ErrorCode.METHOD_NOT_ALLOWED,
+                                      f"{request.method} is not allowed on /ws")
+            response.headers["Allow"] = "GET, HEAD"
+            return response
         query = request.query
         upgrade = UpgradeRequest(
             session=query.get("session"), query_token=query.get("token"),
