@@ -3,7 +3,8 @@
 The relay writes forwarded messages straight to the receiver's transport: a server frame
 is unmasked, so it is a 2 to 10 byte header followed by the payload unchanged. Writing
 the frame ourselves (instead of through ``WebSocketResponse.send_bytes``) keeps the
-per-message work to one header lookup and one ``transport.write``, and leaves flow
+per-message work to one header lookup and one ``transport.writelines((header, payload))``
+(a single ``writev``, the payload never copied), and leaves flow
 control to the relay, which watches each receiver's write buffer itself.
 """
 
@@ -31,6 +32,15 @@ def frame_header(opcode: int, length: int) -> bytes:
     if length < 65536:
         return _LEN16(first, 126, length)
     return _LEN64(first, 127, length)
+
+
+def binary_header(length: int) -> bytes:
+    """Return the header of a binary frame of ``length`` bytes (cached for short ones)."""
+    if length < 126:
+        return _SMALL_BINARY[length]
+    if length < 65536:
+        return _LEN16(0x82, 126, length)
+    return _LEN64(0x82, 127, length)
 
 
 def binary_frame(payload: bytes) -> bytes:

@@ -19,6 +19,7 @@ loop; the loop dispatches each to a ``handle_<name>`` method:
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import select
@@ -303,6 +304,9 @@ class Arbiter:
 
     # --- workers ---------------------------------------------------------------------
     def _spawn(self, slot_id: int, now: float) -> None:
+        # Everything imported so far is immortal: keep the collector (and its writes to
+        # object headers, which would un-share copy-on-write pages) away from it.
+        gc.freeze()
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         generation = self.table.generation
         pid = os.fork()
@@ -317,6 +321,7 @@ class Arbiter:
         parent_end.setblocking(False)
         self.controls[pid] = parent_end
         self.table.spawned(slot_id, pid, now)
+        metrics.WORKER_RESTARTS.labels(str(slot_id))  # the series exists from 0 on
         log_event(log, "worker.spawned", slot=slot_id, worker_pid=pid, generation=generation)
 
     def _become_worker(self, slot_id: int, control_sock: socket.socket,

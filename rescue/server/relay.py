@@ -41,7 +41,7 @@ from rescue.server.peer import Peer
 from rescue.server.stats import WorkerStats
 from rescue.sessions import Registry, SessionFull, TooManyConnections
 from rescue.tokens import CAP_TELEMETRY, TokenClaims, TokenVerifier
-from rescue.wsframe import binary_frame
+from rescue.wsframe import binary_header
 
 log = logging.getLogger("rescue.relay")
 
@@ -350,15 +350,16 @@ class Relay:
                     if not receivers:
                         stats.frames_unrouted += 1
                         continue
-                    # One frame for every receiver: written now, in order, never queued.
-                    frame = binary_frame(data)
+                    # Written now, in order, never queued; header and payload go out in
+                    # one writev, so the payload is never copied.
+                    frame = (binary_header(size), data)
                     delivered = 0
                     paused = False
                     for receiver in receivers:
                         if receiver.closing:
                             continue
                         try:
-                            receiver.transport.write(frame)
+                            receiver.transport.writelines(frame)
                         except RuntimeError:  # its connection is gone; its task closes it
                             continue
                         receiver.tx_msgs += 1

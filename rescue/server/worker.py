@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -257,6 +258,7 @@ async def run_worker(config: Config, sockets: WorkerSockets) -> int:
                             control.Drain(window_s=config.drain_window_s,
                                           deadline_s=config.drain_timeout_s))
     loop.add_signal_handler(signal.SIGQUIT, channel.messages.put_nowait, control.Stop())
+    gc.freeze()  # the worker's own setup is long-lived too; sweeps skip it from now on
     channel.send(control.Ready())
     await _obey(channel, acceptor, relay, config)
     beat()  # the last numbers, so nothing counted since the previous beat is lost
