@@ -37,11 +37,17 @@ run)
     shift
     venv
     export BEACH_RESCUE_STATE_DIR="$STATE"
+    # Development credentials for the embedded control plane (never use these in production).
+    export BEACH_RESCUE_SERVICE_KEYS="${BEACH_RESCUE_SERVICE_KEYS:-dev-service-key}"
+    export BEACH_RESCUE_ADMIN_KEY="${BEACH_RESCUE_ADMIN_KEY:-dev-admin-key}"
     "$VENV/bin/beach-rescue" token mint --session demo >/dev/null  # creates dev keys once
     cat <<TXT
 beach-rescue: relay on ws://127.0.0.1:9443/ws (development keys in $STATE/keys)
   mint a token:  BEACH_RESCUE_STATE_DIR=$STATE $VENV/bin/beach-rescue token mint --session demo
+     or via API: curl -s -X POST http://127.0.0.1:9443/v1/fallback/token \\
+                   -H 'Authorization: Bearer $BEACH_RESCUE_SERVICE_KEYS' -d '{"session_id":"demo"}'
   connect:       ws://127.0.0.1:9443/ws?session=demo&token=<token>
+  check it:      $VENV/bin/beach-rescue probe --url ws://127.0.0.1:9443/ws --keys $STATE/keys
   health:        curl http://127.0.0.1:9443/healthz
 TXT
     exec "$VENV/bin/beach-rescue" serve "$@"
