@@ -189,6 +189,12 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     worker_liveness_timeout_s: Annotated[float, _m(
         "A worker whose event loop has not reported for this long is killed and replaced.",
         gt=1, le=600)] = 10.0
+    otel_endpoint: Annotated[str, _m(
+        "OTLP/HTTP collector URL for OpenTelemetry traces (needs the `otel` extra); "
+        "a bare `http(s)://host:port` gets `/v1/traces` appended. Empty: tracing off.")] = ""
+    otel_service_name: Annotated[str, _m("The `service.name` of exported traces.",
+                                         min_length=1)] = "beach-rescue"
+    otel_sample_ratio: Annotated[float, _m("Share of traces kept.", ge=0, le=1)] = 1.0
     log_level: Annotated[Literal["debug", "info", "warning", "error"],
                          _m("Lowest log level written (JSON lines on stderr).")] = "info"
 

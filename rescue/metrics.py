@@ -13,6 +13,7 @@ The catalogue (type, labels, meaning) is documented in ``docs/metrics.md``.
 
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -97,6 +98,7 @@ SOFT_BREACHES = Counter(P + "guardrail_soft_breaches", "Cohort-hours that crosse
                         "threshold (counted once per cohort-hour and process).")
 STORE_ERRORS = Counter(P + "store_errors", "Store (Redis) operations that failed.")
 
+_FILE_HEADER_BYTES = 8
 PAUSE_VALUES = {"off": 0, "soft": 1, "hard": 2}
 
 
@@ -106,11 +108,30 @@ def mark_dead(pid: int) -> None:
         multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
+class SizedFilesCollector(multiprocess.MultiProcessCollector):
+    """The multiprocess collector, skipping files a starting process has not sized yet.
+
+    prometheus-client creates a process's file empty and then grows it; a scrape that
+    reads it in between would fail on the empty file. Such a file holds no value yet.
+    """
+
+    def collect(self) -> Any:
+        """Merge every ``*.db`` file that has at least its 8-byte header."""
+        files = []
+        for path in glob.glob(os.path.join(self._path, "*.db")):
+            try:
+                if os.path.getsize(path) >= _FILE_HEADER_BYTES:
+                    files.append(path)
+            except FileNotFoundError:  # a live gauge file of a process just reaped
+                continue
+        return self.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+
+
 def exposition() -> bytes:
     """The text exposition of every live process's metrics (or this process's alone)."""
     if os.environ.get(ENV):
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        SizedFilesCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry)
     return generate_latest()
 

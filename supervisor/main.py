@@ -9,7 +9,7 @@ from collections.abc import Callable
 import msgspec
 import setproctitle
 
-from rescue import keys
+from rescue import keys, tracing
 from rescue.config import Config, ConfigError
 from rescue.controlplane import service as controlplane
 from rescue.logs import configure_logging, log_event
@@ -35,6 +35,10 @@ def checked(config: Config) -> Config:
         raise ConfigError(f"token keys: {e}") from None
     if config.control_plane:
         controlplane.check(config)
+    try:
+        tracing.check_tracing(config.otel_endpoint)
+    except tracing.TracingError as e:
+        raise ConfigError(f"otel_endpoint: {e}") from None
     nofile = raise_nofile_limit()
     if config.max_connections > nofile - FD_RESERVE:
         clamped = max(1, nofile - FD_RESERVE)

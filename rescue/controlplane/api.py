@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from rescue import metrics
+from rescue import metrics, tracing
 from rescue.admission import bearer_token
 from rescue.config import Config
 from rescue.controlplane.entitlement import EntitlementError, EntitlementVerifier
@@ -186,7 +186,13 @@ class ControlPlane:
 
     # --- handlers --------------------------------------------------------------------
     async def token(self, request: web.Request) -> web.Response:
-        """``POST /v1/fallback/token``."""
+        """``POST /v1/fallback/token``, traced as one ``token.mint`` span."""
+        with tracing.span("token.mint") as trace:
+            response = await self._token(request, trace)
+            trace.set_attribute("http_status", response.status)
+            return response
+
+    async def _token(self, request: web.Request, trace: tracing.Span) -> web.Response:
         service = self._service(request)
         if service is None:
             return self._refuse(401, "unauthenticated", "a valid service key is required")
@@ -243,6 +249,10 @@ class ControlPlane:
                            issuer="beach-rescue-control-plane",
                            audience=self.config.token_audience)
         self.outcomes["issued"] += 1
+        trace.set_attribute("ttl_s", ttl)
+        trace.set_attribute("telemetry", body.telemetry_opt_in)
+        trace.set_attribute("guardrail", "uncounted" if guardrail.get("uncounted") else
+                            "soft_breach" if guardrail["soft_breach"] else "ok")
         metrics.TOKEN_REQUESTS.labels("issued").inc()
         metrics.TOKENS_ISSUED.labels(
             "uncounted" if guardrail.get("uncounted") else

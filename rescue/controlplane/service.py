@@ -16,7 +16,7 @@ from pathlib import Path
 import uvloop
 from aiohttp import web
 
-from rescue import keys
+from rescue import keys, tracing
 from rescue.config import Config, ConfigError
 from rescue.controlplane.api import ControlPlane
 from rescue.controlplane.entitlement import EntitlementVerifier, load_jwks
@@ -103,7 +103,12 @@ def serve_control_plane(config: Config) -> int:
     configure_logging(config.log_level)
     try:
         check(config)
-    except ConfigError as e:
+        tracing.setup_tracing(config.otel_endpoint, config.otel_service_name,
+                              sample_ratio=config.otel_sample_ratio)
+    except (ConfigError, tracing.TracingError) as e:
         print(f"beach-rescue: cannot start: {e}", file=sys.stderr)
         return 1
-    return uvloop.run(_run_standalone(config))
+    try:
+        return uvloop.run(_run_standalone(config))
+    finally:
+        tracing.shutdown_tracing()

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from aiohttp import WSMsgType, web
 
+from rescue import tracing
 from rescue.admission import Load, UpgradeRequest, admit
 from rescue.codes import CloseCode, ErrorCode, Refusal
 from rescue.config import Config
@@ -60,6 +61,13 @@ def error_response(error: ErrorCode, detail: str,
     headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
     return web.json_response({"error": error.code, "detail": detail},
                              status=error.status, headers=headers)
+
+
+def _close_name(code: int | None) -> str:
+    """The name of a close code the relay sent (``closed`` if there was none)."""
+    if code is None or code not in CloseCode._value2member_map_:
+        return "closed"
+    return CloseCode(code).name
 
 
 class RelayWebSocket(web.WebSocketResponse):
@@ -199,6 +207,13 @@ class Relay:
             return self._refuse(ErrorCode.RATE_LIMITED,
                                 "too many connections for this session")
         self.handshakes += 1
+        with tracing.span("connection", worker_slot=self.worker_slot) as trace:
+            return await self._upgrade_and_relay(request, claims, session, trace)
+
+    async def _upgrade_and_relay(self, request: web.Request, claims: TokenClaims,
+                                 session: Any, trace: tracing.Span) -> web.StreamResponse:
+        """Upgrade, run the hello, relay; the caller counted this connection's handshake."""
+        loop = asyncio.get_running_loop()
         handshaking = True
         try:
             ws = RelayWebSocket(compress=False, max_msg_size=self.config.max_message_bytes,
@@ -214,12 +229,29 @@ class Relay:
             transport = request.transport
             if transport is None:  # the client went away during the upgrade
                 return ws
-            peer = await self._hello(ws, request, claims, session)
+            with tracing.span("handshake") as hello_trace:
+                peer = await self._hello(ws, request, claims, session)
+                if peer is not None:
+                    hello_trace.set_attribute("role", peer.role)
+                hello_trace.set_attribute("outcome", "ok" if peer is not None else
+                                          _close_name(ws.close_code))
             self.handshakes -= 1
             handshaking = False
             self.registry.release(session, loop.time())
             if peer is not None:
+                trace.set_attribute("role", peer.role)
                 await self._relay(peer)
+                code = peer.close_code or CloseCode.NORMAL
+                trace.set_attribute("close_code", int(code))
+                trace.set_attribute("close_reason", code.name)
+                if peer.telemetry:  # traffic numbers only for opted-in peers
+                    trace.set_attribute("bytes_in", peer.rx_bytes)
+                    trace.set_attribute("bytes_out", peer.tx_bytes)
+                    trace.set_attribute("messages_in", peer.rx_msgs)
+                    trace.set_attribute("messages_out", peer.tx_msgs)
+            elif ws.close_code is not None:
+                trace.set_attribute("close_code", ws.close_code)
+                trace.set_attribute("close_reason", _close_name(ws.close_code))
             return ws
         finally:
             if handshaking:

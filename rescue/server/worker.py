@@ -25,7 +25,7 @@ import setproctitle
 import uvloop
 from aiohttp import web
 
-from rescue import control, metrics
+from rescue import control, metrics, tracing
 from rescue.codes import CloseCode
 from rescue.config import Config
 from rescue.controlplane import service as controlplane
@@ -288,7 +288,12 @@ def worker_main(config: Config, sockets: WorkerSockets, generation: int) -> int:
     configure_logging(config.log_level)
     quiet_aiohttp_server_errors()
     try:
+        tracing.setup_tracing(config.otel_endpoint, config.otel_service_name,
+                              sample_ratio=config.otel_sample_ratio,
+                              resource_attributes={"beach_rescue.worker_slot": sockets.slot})
         return uvloop.run(run_worker(config, sockets))
     except Exception:
         log.exception("worker.crashed")
         return 1
+    finally:
+        tracing.shutdown_tracing()
