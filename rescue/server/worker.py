@@ -140,6 +140,23 @@ async def watch_pause(relay: Relay, cache: PauseCache | None, interval_s: float)
         await asyncio.sleep(interval_s)
 
 
+def _watch_gc_pauses(threshold_s: float = 0.05) -> None:
+    """Log full garbage collections that stall the event loop longer than ``threshold_s``."""
+    started = 0.0
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        nonlocal started
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            started = time.perf_counter()
+        elif (took := time.perf_counter() - started) > threshold_s:
+            log_event(log, "gc.pause", level=logging.WARNING, seconds=round(took, 3),
+                      collected=info.get("collected", 0))
+
+    gc.callbacks.append(callback)
+
+
 async def _obey(channel: ControlChannel, acceptor: Acceptor, relay: Relay,
                 config: Config) -> None:
     """Follow the supervisor's orders until the worker must exit.
@@ -259,6 +276,7 @@ async def run_worker(config: Config, sockets: WorkerSockets) -> int:
                                           deadline_s=config.drain_timeout_s))
     loop.add_signal_handler(signal.SIGQUIT, channel.messages.put_nowait, control.Stop())
     gc.freeze()  # the worker's own setup is long-lived too; sweeps skip it from now on
+    _watch_gc_pauses()
     channel.send(control.Ready())
     await _obey(channel, acceptor, relay, config)
     beat()  # the last numbers, so nothing counted since the previous beat is lost
