@@ -1,0 +1,153 @@
+"""A fleet in miniature: `beach-rescue control-plane` and a relay node sharing one Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from rescue.frames import Kind
+from tests.support.client import join
+from tests.support.redis import RedisServer
+from tests.support.relay import RelayProcess
+
+SERVICE_KEY = "fleet-service-key"
+ADMIN_KEY = "fleet-admin-key"
+
+
+class ControlPlaneProcess:
+    """A standalone control plane on 127.0.0.1 with an OS-chosen port."""
+
+    def __init__(self, key_dir: Path, state_dir: Path, redis_url: str) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BEACH_RESCUE_")}
+        env.update(BEACH_RESCUE_STATE_DIR=str(state_dir), BEACH_RESCUE_REDIS_URL=redis_url,
+                   BEACH_RESCUE_SERVICE_KEYS=SERVICE_KEY, BEACH_RESCUE_ADMIN_KEY=ADMIN_KEY,
+                   BEACH_RESCUE_SIGNING_KEYS=str(key_dir),
+                   BEACH_RESCUE_RELAY_URL="ws://relay.example/ws")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rescue", "control-plane", "--host", "127.0.0.1",
+             "--port", "0"], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE)
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        threading.Thread(target=self._drain, daemon=True).start()
+        self.port = self._wait_listening()
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                self.events.put(record)
+
+    def _wait_listening(self) -> int:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                record = self.events.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"control plane exited {self.proc.returncode}") from None
+                continue
+            if record.get("event") == "control_plane.listening":
+                return int(record["port"])
+        raise TimeoutError("control plane did not listen in time")
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def control_plane(key_dir: Path, tmp_path: Path,
+                  redis_server: RedisServer) -> Iterator[ControlPlaneProcess]:
+    cp = ControlPlaneProcess(key_dir, tmp_path / "cp-state", redis_server.url)
+    yield cp
+    assert cp.stop() == 0
+
+
+async def post(http: aiohttp.ClientSession, url: str, key: str,
+               body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    async with http.post(url, json=body or {},
+                         headers={"Authorization": f"Bearer {key}"}) as response:
+        return response.status, await response.json()
+
+
+async def test_tokens_from_the_standalone_control_plane_open_sessions_on_a_relay(
+        control_plane: ControlPlaneProcess, relay_factory: Any, redis_server: RedisServer,
+        http: aiohttp.ClientSession) -> None:
+    relay: RelayProcess = relay_factory(redis_url=redis_server.url, control_plane=False,
+                                        pause_poll_s=0.2)
+    status, body = await post(http, control_plane.url("/v1/sessions"), SERVICE_KEY,
+                              {"cohort_id": "fleet"})
+    assert (status, body["sessions_this_hour"]) == (200, 1)
+    tokens = []
+    for _ in range(2):
+        status, body = await post(http, control_plane.url("/v1/fallback/token"), SERVICE_KEY,
+                                  {"session_id": "fleet-1", "cohort_id": "fleet"})
+        assert status == 200, body
+        assert body["relay_url"] == "ws://relay.example/ws"
+        tokens.append(body["token"])
+    # The shared Redis counted both fallbacks against the one session: 2/1 breaches.
+    assert body["guardrail"] == {"ratio": 2.0, "soft_breach": True}
+
+    host = await join(http, relay, "fleet-1", "host", "h", token=tokens[0])
+    part = await join(http, relay, "fleet-1", "participant", "p", token=tokens[1])
+    await host.send_frame(b"through the fleet")
+    frame = await part.recv_frame()
+    assert (frame.kind, frame.payload) == (Kind.DATA, b"through the fleet")
+    # The relay does not serve the control plane's routes.
+    async with http.post(relay.http_url("/v1/fallback/token")) as response:
+        assert response.status == 404
+
+
+async def test_pausing_at_the_control_plane_stops_new_connections_on_the_relay(
+        control_plane: ControlPlaneProcess, relay_factory: Any, redis_server: RedisServer,
+        http: aiohttp.ClientSession) -> None:
+    relay: RelayProcess = relay_factory(redis_url=redis_server.url, control_plane=False,
+                                        pause_poll_s=0.2)
+    status, body = await post(http, control_plane.url("/v1/admin/pause"), ADMIN_KEY)
+    assert (status, body["paused"]) == (200, "soft")
+    status, body = await post(http, control_plane.url("/v1/fallback/token"), SERVICE_KEY,
+                              {"session_id": "fleet-2"})
+    assert (status, body["error"]) == (403, "fallback_paused")
+
+    deadline = time.monotonic() + 5
+    while True:  # the relay polls the switch every pause_poll_s; wait for that condition
+        async with http.get(relay.http_url("/healthz")) as response:
+            if (await response.json())["fallback_paused"] == "soft":
+                break
+        assert time.monotonic() < deadline, "the relay never saw the pause"
+        await asyncio.sleep(0.05)
+    async with http.get(relay.ws_url("fleet-2", relay.mint("fleet-2")),
+                        headers={"Upgrade": "websocket", "Connection": "Upgrade",
+                                 "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                                 "Sec-WebSocket-Version": "13"}) as response:
+        assert response.status == 403
+        assert (await response.json())["error"] == "fallback_paused"
+
+    status, body = await post(http, control_plane.url("/v1/admin/resume"), ADMIN_KEY)
+    assert (status, body["paused"]) == (200, "off")
