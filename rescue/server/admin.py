@@ -30,6 +30,7 @@ def stats_snapshot(relay: Relay, session_id: str | None = None) -> dict[str, Any
         "counters": relay.stats.as_dict(),
         "intake": None if relay.intake is None else asdict(relay.intake),
         "workers": relay.cluster,
+        "total": _totals(relay.cluster),
     }
     if session_id is not None:
         session = relay.registry.get(session_id)
@@ -38,6 +39,15 @@ def stats_snapshot(relay: Relay, session_id: str | None = None) -> dict[str, Any
             "age_s": round(loop_now - session.created_at, 3),
         }
     return body
+
+
+_TOTALLED = ("connections", "peers", "sessions", "handshakes", "messages_forwarded",
+             "bytes_forwarded", "accepted", "handed_off", "adopted", "handoff_failures")
+
+
+def _totals(workers: list[dict[str, Any]]) -> dict[str, int]:
+    """Sum the supervisor's per-worker numbers (as of each worker's latest beat)."""
+    return {name: sum(int(w.get(name) or 0) for w in workers) for name in _TOTALLED}
 
 
 def _member(peer: Peer) -> dict[str, Any]:
