@@ -174,8 +174,12 @@ class Relay:
                 other.write_text(event)
 
     # --- the handler ---------------------------------------------------------------
-    async def handle_ws(self, request: web.Request) -> web.StreamResponse:
-        """Serve ``GET /ws``: admit, upgrade, hello, then relay until the peer leaves."""
+    def _admit(self, request: web.Request) -> web.Response | tuple[TokenClaims, Any]:
+        """Decide a ``/ws`` request before the upgrade: a refusal, or (claims, session).
+
+        On success the session holds a reservation and ``handshakes`` counts this
+        connection; :meth:`handle_ws` releases both.
+        """
         self.on_request(request)
         if request.method not in ("GET", "HEAD"):
             self.stats.upgrades_refused[ErrorCode.METHOD_NOT_ALLOWED.code] += 1
@@ -192,9 +196,7 @@ class Relay:
             claims = admit(upgrade, self.load(), self.verifier, time.time())
         except Refusal as r:
             return self._refuse(r.error, r.detail, r.retry_after_s)
-        loop = asyncio.get_running_loop()
-        session_id = claims.sid
-        if self.owns is not None and not self.owns(session_id):
+        if self.owns is not None and not self.owns(claims.sid):
             # Only a kept-alive connection first routed for another request gets here.
             refusal = self._refuse(ErrorCode.OVERLOADED,
                                    "this connection reached a worker that does not own the "
@@ -202,61 +204,68 @@ class Relay:
             refusal.force_close()
             return refusal
         try:
-            session = self.registry.reserve(session_id, loop.time())
+            session = self.registry.reserve(claims.sid, asyncio.get_running_loop().time())
         except TooManyConnections:
             return self._refuse(ErrorCode.RATE_LIMITED,
                                 "too many connections for this session")
         self.handshakes += 1
-        with tracing.span("connection", worker_slot=self.worker_slot) as trace:
-            return await self._upgrade_and_relay(request, claims, session, trace)
+        return claims, session
 
-    async def _upgrade_and_relay(self, request: web.Request, claims: TokenClaims,
-                                 session: Any, trace: tracing.Span) -> web.StreamResponse:
-        """Upgrade, run the hello, relay; the caller counted this connection's handshake."""
-        loop = asyncio.get_running_loop()
-        handshaking = True
-        try:
-            ws = RelayWebSocket(compress=False, max_msg_size=self.config.max_message_bytes,
-                                autoping=False, autoclose=True,
-                                timeout=self.config.close_timeout_s,
-                                writer_limit=1 << 30)
+    async def handle_ws(self, request: web.Request) -> web.StreamResponse:
+        """Serve ``GET /ws``: admit, upgrade, hello, then relay until the peer leaves.
+
+        This frame and :meth:`_relay`'s live as long as the WebSocket, so the chain is
+        kept at two: every further awaited helper would cost a frame per connection.
+        """
+        admitted = self._admit(request)
+        if isinstance(admitted, web.Response):
+            return admitted
+        claims, session = admitted
+        with tracing.span("connection", worker_slot=self.worker_slot) as trace:
+            loop = asyncio.get_running_loop()
+            handshaking = True
             try:
-                await ws.prepare(request)
-            except web.HTTPException as e:
-                response = self._refuse(ErrorCode.BAD_REQUEST, e.text or e.reason)
-                response.headers["Sec-WebSocket-Version"] = "13"
-                return response
-            transport = request.transport
-            if transport is None:  # the client went away during the upgrade
-                return ws
-            with tracing.span("handshake") as hello_trace:
-                peer = await self._hello(ws, request, claims, session)
-                if peer is not None:
-                    hello_trace.set_attribute("role", peer.role)
-                hello_trace.set_attribute("outcome", "ok" if peer is not None else
-                                          _close_name(ws.close_code))
-            self.handshakes -= 1
-            handshaking = False
-            self.registry.release(session, loop.time())
-            if peer is not None:
-                trace.set_attribute("role", peer.role)
-                await self._relay(peer)
-                code = peer.close_code or CloseCode.NORMAL
-                trace.set_attribute("close_code", int(code))
-                trace.set_attribute("close_reason", code.name)
-                if peer.telemetry:  # traffic numbers only for opted-in peers
-                    trace.set_attribute("bytes_in", peer.rx_bytes)
-                    trace.set_attribute("bytes_out", peer.tx_bytes)
-                    trace.set_attribute("messages_in", peer.rx_msgs)
-                    trace.set_attribute("messages_out", peer.tx_msgs)
-            elif ws.close_code is not None:
-                trace.set_attribute("close_code", ws.close_code)
-                trace.set_attribute("close_reason", _close_name(ws.close_code))
-            return ws
-        finally:
-            if handshaking:
+                ws = RelayWebSocket(compress=False, max_msg_size=self.config.max_message_bytes,
+                                    autoping=False, autoclose=True,
+                                    timeout=self.config.close_timeout_s,
+                                    writer_limit=1 << 30)
+                try:
+                    await ws.prepare(request)
+                except web.HTTPException as e:
+                    response = self._refuse(ErrorCode.BAD_REQUEST, e.text or e.reason)
+                    response.headers["Sec-WebSocket-Version"] = "13"
+                    return response
+                transport = request.transport
+                if transport is None:  # the client went away during the upgrade
+                    return ws
+                with tracing.span("handshake") as hello_trace:
+                    peer = await self._hello(ws, request, claims, session)
+                    if peer is not None:
+                        hello_trace.set_attribute("role", peer.role)
+                    hello_trace.set_attribute("outcome", "ok" if peer is not None else
+                                              _close_name(ws.close_code))
                 self.handshakes -= 1
+                handshaking = False
                 self.registry.release(session, loop.time())
+                if peer is not None:
+                    trace.set_attribute("role", peer.role)
+                    await self._relay(peer)
+                    code = peer.close_code or CloseCode.NORMAL
+                    trace.set_attribute("close_code", int(code))
+                    trace.set_attribute("close_reason", code.name)
+                    if peer.telemetry:  # traffic numbers only for opted-in peers
+                        trace.set_attribute("bytes_in", peer.rx_bytes)
+                        trace.set_attribute("bytes_out", peer.tx_bytes)
+                        trace.set_attribute("messages_in", peer.rx_msgs)
+                        trace.set_attribute("messages_out", peer.tx_msgs)
+                elif ws.close_code is not None:
+                    trace.set_attribute("close_code", ws.close_code)
+                    trace.set_attribute("close_reason", _close_name(ws.close_code))
+                return ws
+            finally:
+                if handshaking:
+                    self.handshakes -= 1
+                    self.registry.release(session, loop.time())
 
     def _refuse(self, error: ErrorCode, detail: str,
                 retry_after_s: int | None = None) -> web.Response:
