@@ -260,10 +260,11 @@ async def test_stuck_worker_is_killed_and_replaced(relay_factory: Any,
         assert (stuck["slot"], stuck["worker_pid"]) == (stuck_slot, by_slot[stuck_slot]), stuck
         assert stuck["silent_s"] >= 2, stuck  # rounded to 0.1 s
         assert loop.time() - stopped_at > 1.0  # not killed before it could have been silent
+        # The SIGKILLed process may still be listed until it is reaped: wait for that.
+        await holds(lambda: pid_gone(by_slot[stuck_slot]), "the stuck worker to be gone")
         replaced = await wait_for_workers(relay, 2, generation=1)
         assert replaced[stuck_slot] != by_slot[stuck_slot]
         assert replaced[1 - stuck_slot] == by_slot[1 - stuck_slot]
-        await holds(lambda: pid_gone(by_slot[stuck_slot]), "the stuck worker to be gone")
         # The replacement serves the slot's sessions.
         sid = sessions_per_slot(2, 1, "stuck")[stuck_slot][0]
         await assert_pair_exchanges(http, relay, sid)
