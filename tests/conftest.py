@@ -81,3 +81,11 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+async def fresh_http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client that opens a new connection per request, so each one is routed afresh
+    (requests reach every worker of a multi-worker node)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+        yield http

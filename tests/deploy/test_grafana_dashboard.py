@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import json
-import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-from prometheus_client.metrics import MetricWrapperBase
-
-from rescue import metrics
+from tests.support.promql import catalogue_names, metric_names, promtool
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "beach-rescue.json"
-METRIC_NAME = re.compile(r"beach_rescue_[a-z0-9_]*[a-z0-9]")
 DATASOURCE_UID = "${DS_PROMETHEUS}"
 # What the issue asks the dashboard to show, and a metric each must be drawn from.
 TOPICS = {
@@ -36,21 +30,6 @@ TOPICS = {
     "pause switch": {"beach_rescue_fallback_paused"},
     "CPU": {"beach_rescue_worker_cpu_seconds_total", "beach_rescue_workers"},
 }
-
-
-def catalogue_names() -> set[str]:
-    """Sample names the relay exposes, derived from the objects in :mod:`rescue.metrics`."""
-    names: set[str] = set()
-    for metric in vars(metrics).values():
-        if not isinstance(metric, MetricWrapperBase):
-            continue
-        if metric._type == "counter":
-            names.add(metric._name + "_total")
-        elif metric._type == "histogram":
-            names.update(metric._name + s for s in ("_bucket", "_sum", "_count"))
-        else:
-            names.add(metric._name)
-    return names
 
 
 def dashboard() -> dict[str, Any]:
@@ -79,13 +58,13 @@ def test_every_query_uses_only_metrics_the_relay_exposes() -> None:
     exprs = queries()
     assert len(exprs) >= 20
     for expr in exprs:
-        used = set(METRIC_NAME.findall(expr))
+        used = metric_names(expr)
         assert used, f"query uses no beach_rescue_ metric: {expr}"
         assert used <= known, f"unknown metrics {sorted(used - known)} in: {expr}"
 
 
 def test_dashboard_covers_every_topic_of_the_issue() -> None:
-    used = set().union(*(set(METRIC_NAME.findall(e)) for e in queries()))
+    used = set().union(*(metric_names(e) for e in queries()))
     for topic, wanted in TOPICS.items():
         assert wanted <= used, f"{topic}: no panel queries {sorted(wanted - used)}"
 
@@ -127,10 +106,7 @@ def test_dashboard_shape_is_importable() -> None:
 
 def test_every_query_is_valid_promql(tmp_path: Path) -> None:
     """Each query, with Grafana's variables filled in, passes ``promtool check rules``."""
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed (Debian package `prometheus`; "
-                    "scripts/dev.sh test installs it)")
+    binary = promtool()
     lines = ["groups:", "  - name: dashboard", "    rules:"]
     exprs = [e for e in queries() if not e.startswith("label_values(")]
     assert exprs
@@ -141,7 +117,7 @@ def test_every_query_is_valid_promql(tmp_path: Path) -> None:
         lines += [f"      - record: dashboard_query_{i}", f"        expr: {json.dumps(promql)}"]
     rules = tmp_path / "dashboard.rules.yml"
     rules.write_text("\n".join(lines) + "\n")
-    result = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True,
+    result = subprocess.run([binary, "check", "rules", str(rules)], capture_output=True,
                             text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(exprs)} rules found" in result.stdout + result.stderr

@@ -8,14 +8,10 @@ for the layout of these files (the venv has no YAML library).
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-from prometheus_client.metrics import MetricWrapperBase
-
-from rescue import metrics
+from tests.support.promql import catalogue_names, metric_names, promtool
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "deploy" / "prometheus"
@@ -23,27 +19,11 @@ RULES = PROM_DIR / "beach-rescue.rules.yml"
 RULE_TESTS = PROM_DIR / "beach-rescue.rules.test.yml"
 SCRAPE = PROM_DIR / "scrape.yml"
 DOCS = ROOT / "docs" / "metrics.md"
-METRIC_NAME = re.compile(r"beach_rescue_[a-z0-9_]*[a-z0-9]")
 REQUIRED_ALERTS = {
     "FallbackActivationHigh", "ConnectionChurnHigh", "RelayCPUHigh", "HandshakeFailureSpike",
     "WorkerRestartLoop", "FallbackPaused", "GuardrailSoftBreach", "SlowConsumerEvictions",
 }
 MUST_BE_UNIT_TESTED = {"FallbackActivationHigh", "WorkerRestartLoop", "FallbackPaused"}
-
-
-def catalogue_names() -> set[str]:
-    """Sample names the relay exposes, derived from the objects in :mod:`rescue.metrics`."""
-    names: set[str] = set()
-    for metric in vars(metrics).values():
-        if not isinstance(metric, MetricWrapperBase):
-            continue
-        if metric._type == "counter":
-            names.add(metric._name + "_total")
-        elif metric._type == "histogram":
-            names.update(metric._name + s for s in ("_bucket", "_sum", "_count"))
-        else:
-            names.add(metric._name)
-    return names
 
 
 def mapping_fields(lines: list[str]) -> dict[str, str]:
@@ -107,7 +87,7 @@ def test_every_issue_alert_is_defined_with_severity_and_annotations() -> None:
 def test_rules_reference_only_metrics_the_relay_exposes() -> None:
     known = catalogue_names()
     for name, fields in alerts().items():
-        used = set(METRIC_NAME.findall(fields["expr"]))
+        used = metric_names(fields["expr"])
         assert used, f"{name} uses no beach_rescue_ metric"
         assert used <= known, f"{name} uses unknown metrics {sorted(used - known)}"
 
@@ -144,14 +124,6 @@ def test_scrape_example_sends_the_metrics_key_from_a_file() -> None:
 
 
 # --- promtool ----------------------------------------------------------------------------
-
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.skip("promtool is not installed (Debian package `prometheus`; "
-                    "scripts/dev.sh test installs it)")
-    return path
-
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)

@@ -19,6 +19,7 @@ import pytest
 
 from rescue.frames import Kind
 from tests.support.client import join
+from tests.support.controlplane import post_json
 from tests.support.redis import RedisServer
 from tests.support.relay import RelayProcess
 
@@ -89,25 +90,19 @@ def control_plane(key_dir: Path, tmp_path: Path,
     assert cp.stop() == 0
 
 
-async def post(http: aiohttp.ClientSession, url: str, key: str,
-               body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
-    async with http.post(url, json=body or {},
-                         headers={"Authorization": f"Bearer {key}"}) as response:
-        return response.status, await response.json()
-
-
 async def test_tokens_from_the_standalone_control_plane_open_sessions_on_a_relay(
         control_plane: ControlPlaneProcess, relay_factory: Any, redis_server: RedisServer,
         http: aiohttp.ClientSession) -> None:
     relay: RelayProcess = relay_factory(redis_url=redis_server.url, control_plane=False,
                                         pause_poll_s=0.2)
-    status, body = await post(http, control_plane.url("/v1/sessions"), SERVICE_KEY,
-                              {"cohort_id": "fleet"})
+    status, _, body = await post_json(http, control_plane.url("/v1/sessions"), SERVICE_KEY,
+                                      {"cohort_id": "fleet"})
     assert (status, body["sessions_this_hour"]) == (200, 1)
     tokens = []
     for _ in range(2):
-        status, body = await post(http, control_plane.url("/v1/fallback/token"), SERVICE_KEY,
-                                  {"session_id": "fleet-1", "cohort_id": "fleet"})
+        status, _, body = await post_json(http, control_plane.url("/v1/fallback/token"),
+                                          SERVICE_KEY,
+                                          {"session_id": "fleet-1", "cohort_id": "fleet"})
         assert status == 200, body
         assert body["relay_url"] == "ws://relay.example/ws"
         tokens.append(body["token"])
@@ -129,10 +124,10 @@ async def test_pausing_at_the_control_plane_stops_new_connections_on_the_relay(
         http: aiohttp.ClientSession) -> None:
     relay: RelayProcess = relay_factory(redis_url=redis_server.url, control_plane=False,
                                         pause_poll_s=0.2)
-    status, body = await post(http, control_plane.url("/v1/admin/pause"), ADMIN_KEY)
+    status, _, body = await post_json(http, control_plane.url("/v1/admin/pause"), ADMIN_KEY)
     assert (status, body["paused"]) == (200, "soft")
-    status, body = await post(http, control_plane.url("/v1/fallback/token"), SERVICE_KEY,
-                              {"session_id": "fleet-2"})
+    status, _, body = await post_json(http, control_plane.url("/v1/fallback/token"), SERVICE_KEY,
+                                      {"session_id": "fleet-2"})
     assert (status, body["error"]) == (403, "fallback_paused")
 
     deadline = time.monotonic() + 5
@@ -149,5 +144,5 @@ async def test_pausing_at_the_control_plane_stops_new_connections_on_the_relay(
         assert response.status == 403
         assert (await response.json())["error"] == "fallback_paused"
 
-    status, body = await post(http, control_plane.url("/v1/admin/resume"), ADMIN_KEY)
+    status, _, body = await post_json(http, control_plane.url("/v1/admin/resume"), ADMIN_KEY)
     assert (status, body["paused"]) == (200, "off")

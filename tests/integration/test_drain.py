@@ -5,14 +5,19 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import uuid
 from typing import Any
 
 import aiohttp
 
-from tests.support.client import TestPeer, client_hello, join, open_ws
+from tests.support.client import (
+    TestPeer,
+    client_hello,
+    join,
+    messages_until_close,
+    open_ws,
+)
 from tests.support.observe import (
     admin_stats,
     find_log,
@@ -38,22 +43,6 @@ DRAIN_SETTINGS: dict[str, Any] = {
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-async def messages_until_close(peer: TestPeer) -> tuple[list[Any], tuple[int, str]]:
-    """Everything a peer receives up to the close: events (dicts) and frames (bytes)."""
-    received: list[Any] = list(peer.events)
-    peer.events.clear()
-    while True:
-        msg = await peer.ws.receive(timeout=TIMEOUT_S)
-        if msg.type is aiohttp.WSMsgType.TEXT:
-            received.append(json.loads(msg.data))
-        elif msg.type is aiohttp.WSMsgType.BINARY:
-            received.append(msg.data)
-        elif msg.type is aiohttp.WSMsgType.CLOSE:
-            return received, (int(msg.data), str(msg.extra))
-        else:
-            return received, (peer.ws.close_code or -1, "")
 
 
 def assert_told_to_reconnect(received: list[Any], close: tuple[int, str]) -> None:

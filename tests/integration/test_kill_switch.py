@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,8 @@ import aiohttp
 import pytest
 
 from rescue.ring import Ring
-from tests.support.client import TestPeer, join
+from tests.support.client import TestPeer, assert_relaying, join_relaying_pair
+from tests.support.controlplane import call, fallback_token
 from tests.support.observe import wait_until
 from tests.support.probes import Refused, assert_refusal, upgrade_headers
 from tests.support.relay import RelayProcess
@@ -40,14 +41,6 @@ IO_TIMEOUT_S = 10.0
 HEALTH_SAMPLES = 12
 
 
-@pytest.fixture
-async def fresh_http() -> AsyncIterator[aiohttp.ClientSession]:
-    """A client that opens a new connection per request, so each one is routed afresh
-    (``/v1`` to the control-plane worker, ``/healthz`` to whichever worker accepts)."""
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
-        yield http
-
-
 def session_of_slot(slot: int) -> str:
     """A fresh session id that the ring over this node's slots gives to ``slot``."""
     ring = Ring(range(WORKERS))
@@ -57,19 +50,10 @@ def session_of_slot(slot: int) -> str:
             return sid
 
 
-async def call(http: aiohttp.ClientSession, relay: RelayProcess, path: str, body: Any,
-               key: str) -> tuple[int, Any]:
-    """POST ``/v1<path>`` with ``key`` as bearer; return (status, JSON body)."""
-    async with http.post(relay.http_url("/v1" + path), json=body,
-                         headers={"Authorization": f"Bearer {key}"},
-                         timeout=aiohttp.ClientTimeout(total=IO_TIMEOUT_S)) as resp:
-        return resp.status, await resp.json()
-
-
 async def switch(http: aiohttp.ClientSession, relay: RelayProcess, path: str,
                  expected: str, body: Any = None) -> None:
     """Flip the kill switch through the admin API and check the answer."""
-    status, answer = await call(http, relay, path, body or {}, ADMIN_KEY)
+    status, _, answer = await call(http, relay, path, body or {}, ADMIN_KEY)
     assert (status, answer["paused"]) == (200, expected), answer
 
 
@@ -99,20 +83,8 @@ async def open_pair(http: aiohttp.ClientSession, relay: RelayProcess,
                     slot: int) -> tuple[TestPeer, TestPeer]:
     """A host and participant of a session of ``slot``, on a token from the token API."""
     sid = session_of_slot(slot)
-    status, body = await call(http, relay, "/fallback/token", {"session_id": sid}, SERVICE_KEY)
-    assert status == 200, body
-    host = await join(http, relay, sid, "host", f"h-{sid}", token=body["token"])
-    part = await join(http, relay, sid, "participant", f"p-{sid}", token=body["token"])
-    await assert_relaying(host, part)
-    return host, part
-
-
-async def assert_relaying(host: TestPeer, part: TestPeer) -> None:
-    """One frame each way between ``host`` and ``part``."""
-    await host.send_frame(b"host says")
-    assert (await part.recv_frame()).payload == b"host says"
-    await part.send_frame(b"participant says")
-    assert (await host.recv_frame()).payload == b"participant says"
+    token = (await fallback_token(http, relay, sid, SERVICE_KEY))["token"]
+    return await join_relaying_pair(http, relay, sid, token)
 
 
 async def health_pause_states(http: aiohttp.ClientSession, relay: RelayProcess) -> set[str]:
@@ -146,8 +118,8 @@ async def test_kill_switch_reaches_every_worker(
     assert await health_pause_states(http, relay) == {"soft"}
     for host, part in pairs:
         await assert_relaying(host, part)
-    status, body = await call(http, relay, "/fallback/token",
-                              {"session_id": session_of_slot(1)}, SERVICE_KEY)
+    status, _, body = await call(http, relay, "/fallback/token",
+                                 {"session_id": session_of_slot(1)}, SERVICE_KEY)
     assert (status, body["error"]) == (403, "fallback_paused")
 
     # Resume: every worker upgrades again.

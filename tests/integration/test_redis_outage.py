@@ -10,14 +10,15 @@ itself, within a bounded time, without a restart of the relay.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.support.client import TestPeer, join
+from tests.support.client import assert_relaying, join_relaying_pair
+from tests.support.controlplane import call, fallback_token
 from tests.support.observe import wait_until
 from tests.support.probes import unique_session
 from tests.support.redis import RedisServer
@@ -35,13 +36,6 @@ IO_TIMEOUT_S = 10.0
 STATUS_SAMPLES = 6
 
 
-@pytest.fixture
-async def fresh_http() -> AsyncIterator[aiohttp.ClientSession]:
-    """A client that opens a new connection per request (so requests reach every worker)."""
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
-        yield http
-
-
 def start(relay_factory: RelayFactory, key_dir: Path, redis_server: RedisServer,
           **extra: Any) -> RelayProcess:
     settings: dict[str, Any] = {
@@ -50,37 +44,6 @@ def start(relay_factory: RelayFactory, key_dir: Path, redis_server: RedisServer,
         "pause_poll_s": PAUSE_POLL_S}
     settings.update(extra)
     return relay_factory(**settings)
-
-
-async def call(http: aiohttp.ClientSession, relay: RelayProcess, path: str, body: Any,
-               key: str = SERVICE_KEY) -> tuple[int, dict[str, str], Any]:
-    """POST ``/v1<path>``; return (status, headers, JSON body)."""
-    async with http.post(relay.http_url("/v1" + path), json=body,
-                         headers={"Authorization": f"Bearer {key}"},
-                         timeout=aiohttp.ClientTimeout(total=IO_TIMEOUT_S)) as resp:
-        return resp.status, dict(resp.headers), await resp.json()
-
-
-async def token_for(http: aiohttp.ClientSession, relay: RelayProcess,
-                    session_id: str) -> dict[str, Any]:
-    status, _, body = await call(http, relay, "/fallback/token", {"session_id": session_id})
-    assert status == 200, body
-    return dict(body)
-
-
-async def open_pair(http: aiohttp.ClientSession, relay: RelayProcess, session_id: str,
-                    token: str) -> tuple[TestPeer, TestPeer]:
-    host = await join(http, relay, session_id, "host", f"h-{session_id}", token=token)
-    part = await join(http, relay, session_id, "participant", f"p-{session_id}", token=token)
-    await assert_relaying(host, part)
-    return host, part
-
-
-async def assert_relaying(host: TestPeer, part: TestPeer) -> None:
-    await host.send_frame(b"ping from host")
-    assert (await part.recv_frame()).payload == b"ping from host"
-    await part.send_frame(b"pong from participant")
-    assert (await host.recv_frame()).payload == b"pong from participant"
 
 
 async def store_health(http: aiohttp.ClientSession, relay: RelayProcess) -> set[bool]:
@@ -100,26 +63,28 @@ async def test_outage_refuses_tokens_keeps_relaying_and_recovers(
     relay = start(relay_factory, key_dir, redis_server, workers=workers)
     http = fresh_http
     sid = unique_session("outage")
-    host, part = await open_pair(http, relay, sid, (await token_for(http, relay, sid))["token"])
+    token = (await fallback_token(http, relay, sid, SERVICE_KEY))["token"]
+    host, part = await join_relaying_pair(http, relay, sid, token)
     assert await store_health(http, relay) == {True}
 
     redis_server.kill()
     started = time.monotonic()
     status, headers, body = await call(http, relay, "/fallback/token",
-                                       {"session_id": unique_session("during")})
+                                       {"session_id": unique_session("during")}, SERVICE_KEY)
     assert time.monotonic() - started < OUTAGE_ANSWER_S
     assert (status, body["error"]) == (503, "store_unavailable"), body
     assert int(headers["Retry-After"]) > 0
-    status, headers, body = await call(http, relay, "/sessions", {"cohort_id": "public"})
+    status, headers, body = await call(http, relay, "/sessions", {"cohort_id": "public"},
+                                       SERVICE_KEY)
     assert (status, body["error"]) == (503, "store_unavailable"), body
     assert int(headers["Retry-After"]) > 0
-    status, _, body = await call(http, relay, "/admin/pause", {}, key=ADMIN_KEY)
+    status, _, body = await call(http, relay, "/admin/pause", {}, ADMIN_KEY)
     assert (status, body["error"]) == (503, "store_unavailable"), body
 
     # The relay does not need Redis: open sessions go on and new peers join.
     await assert_relaying(host, part)
     fresh = unique_session("fresh")
-    new_host, new_part = await open_pair(http, relay, fresh, relay.mint(fresh))
+    new_host, new_part = await join_relaying_pair(http, relay, fresh, relay.mint(fresh))
     await wait_until(lambda: _health_is(http, relay, {False}), "store_healthy false",
                      within_s=RECOVERY_S)
 
@@ -127,7 +92,7 @@ async def test_outage_refuses_tokens_keeps_relaying_and_recovers(
 
     async def token_issued() -> bool:
         status, _, _ = await call(http, relay, "/fallback/token",
-                                  {"session_id": unique_session("after")})
+                                  {"session_id": unique_session("after")}, SERVICE_KEY)
         assert status in (200, 503), status
         return status == 200
 
@@ -135,9 +100,9 @@ async def test_outage_refuses_tokens_keeps_relaying_and_recovers(
     await wait_until(lambda: _health_is(http, relay, {True}), "store_healthy true",
                      within_s=RECOVERY_S)
     after = unique_session("after")
-    body = await token_for(http, relay, after)
+    body = await fallback_token(http, relay, after, SERVICE_KEY)
     assert isinstance(body["guardrail"]["ratio"], float)
-    await open_pair(http, relay, after, body["token"])
+    await join_relaying_pair(http, relay, after, body["token"])
     for a, b in ((host, part), (new_host, new_part)):
         await assert_relaying(a, b)
 
@@ -151,20 +116,21 @@ async def test_fail_open_issues_uncounted_tokens_during_the_outage(
         fresh_http: aiohttp.ClientSession) -> None:
     relay = start(relay_factory, key_dir, redis_server, workers=1, store_fail_open=True)
     http = fresh_http
-    counted = await token_for(http, relay, unique_session("before"))
+    counted = await fallback_token(http, relay, unique_session("before"), SERVICE_KEY)
     assert counted["guardrail"] == {"ratio": 1.0, "soft_breach": True}
 
     redis_server.kill()
     sid = unique_session("open")
-    body = await token_for(http, relay, sid)
+    body = await fallback_token(http, relay, sid, SERVICE_KEY)
     assert body["guardrail"]["uncounted"] is True
     assert body["guardrail"]["soft_breach"] is False
-    host, part = await open_pair(http, relay, sid, body["token"])
+    host, part = await join_relaying_pair(http, relay, sid, body["token"])
 
     redis_server.restart()
 
     async def counted_again() -> bool:
-        guardrail = (await token_for(http, relay, unique_session("back")))["guardrail"]
+        answer = await fallback_token(http, relay, unique_session("back"), SERVICE_KEY)
+        guardrail = answer["guardrail"]
         return "uncounted" not in guardrail
 
     await wait_until(counted_again, "tokens to be counted again", within_s=RECOVERY_S)

@@ -7,19 +7,17 @@ effect in the new generation.
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import uuid
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psutil
 
 from rescue.ring import Ring
 from tests.support.client import join
-from tests.support.observe import wait_until
 from tests.support.probes import hello_outcome
+from tests.support.processes import pid_gone, wait_for_workers, worker_processes
 from tests.support.reconnecting import ReconnectingPeer, Swarm, describe, unlimited_http
 from tests.support.relay import RelayProcess
 
@@ -37,44 +35,6 @@ SEND_INTERVAL_S = 0.2
 # the relay asked the peer to wait first.
 RECONNECT_WINDOW_S = 5.0
 WAIT_S = 20.0
-TITLE = re.compile(r"beach-rescue worker (\d+) gen (\d+)")
-
-
-def worker_generations(relay: RelayProcess) -> dict[int, tuple[int, int]]:
-    """Live worker children of the supervisor: ``{pid: (slot, generation)}`` from titles."""
-    out: dict[int, tuple[int, int]] = {}
-    for child in psutil.Process(relay.proc.pid).children():
-        try:
-            if child.status() == psutil.STATUS_ZOMBIE:
-                continue
-            title = " ".join(part for part in child.cmdline() if part)
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
-            continue
-        if title in ("", "beach-rescue supervisor"):
-            continue  # exiting (no command line any more), or forked and not yet titled
-        match = TITLE.fullmatch(title)
-        assert match, f"a child of the supervisor with an unexpected title: {title!r}"
-        out[child.pid] = (int(match[1]), int(match[2]))
-    return out
-
-
-async def wait_for_generation(relay: RelayProcess, slots: int, generation: int
-                              ) -> dict[int, int]:
-    """Wait until the workers are exactly slots ``0..slots-1`` of ``generation``;
-    return ``{slot: pid}``."""
-    seen: dict[int, tuple[int, int]] = {}
-
-    async def only_that_generation() -> bool:
-        seen.clear()
-        seen.update(worker_generations(relay))
-        return sorted(seen.values()) == [(s, generation) for s in range(slots)]
-
-    try:
-        await wait_until(only_that_generation, f"workers of generation {generation} only",
-                         WAIT_S)
-    except AssertionError as e:
-        raise AssertionError(f"{e}; workers now: {seen}") from None
-    return {slot: pid for pid, (slot, _gen) in seen.items()}
 
 
 async def log_event(relay: RelayProcess, name: str, within_s: float = WAIT_S
@@ -119,7 +79,7 @@ async def assert_session_takes(http: aiohttp.ClientSession, relay: RelayProcess,
 async def test_hup_under_traffic_brings_every_session_back_on_the_new_generation(
         relay_factory: Any) -> None:
     relay: RelayProcess = relay_factory(workers=2, **RELOAD)
-    first = await wait_for_generation(relay, 2, 1)
+    first = await wait_for_workers(relay, 2, 1, WAIT_S)
     sids = [f"reload-{i}-{uuid.uuid4().hex[:8]}" for i in range(SESSIONS)]
     async with unlimited_http() as http:
         swarm = Swarm(ReconnectingPeer(http, relay, sid, role, f"{role}-{sid}",
@@ -160,10 +120,9 @@ async def test_hup_under_traffic_brings_every_session_back_on_the_new_generation
         assert peer.ended is None, describe(peer)
     assert retried == 0, f"{retried} peers needed more than one attempt"
 
-    second = await wait_for_generation(relay, 2, 2)
+    second = await wait_for_workers(relay, 2, 2, WAIT_S)
     assert not set(second.values()) & set(first.values())
-    assert all(not psutil.pid_exists(pid) or psutil.Process(pid).status() ==
-               psutil.STATUS_ZOMBIE for pid in first.values())
+    assert all(pid_gone(pid) for pid in first.values())
     drained = relay.events("drain.completed")
     assert {r["pid"] for r in drained} >= set(first.values()), drained
     assert not relay.events("drain.deadline")
@@ -174,7 +133,7 @@ async def test_invalid_config_on_hup_is_refused_and_old_workers_keep_serving(
     config = tmp_path / "relay.toml"
     write_config(config, "max_participants = 2\n")
     relay: RelayProcess = relay_factory(workers=2, config=str(config), **RELOAD)
-    first = await wait_for_generation(relay, 2, 1)
+    first = await wait_for_workers(relay, 2, 1, WAIT_S)
 
     write_config(config, "max_participants = 0\n")
     relay.proc.send_signal(signal.SIGHUP)
@@ -185,12 +144,12 @@ async def test_invalid_config_on_hup_is_refused_and_old_workers_keep_serving(
 
     assert not relay.events("reload.started")
     assert len(relay.events("worker.spawned")) == 2
-    assert await wait_for_generation(relay, 2, 1) == first
+    assert await wait_for_workers(relay, 2, 1, WAIT_S) == first
     # The old workers still serve every slot, with the old configuration.
     async with aiohttp.ClientSession() as http:
         for sid in one_session_per_slot(2, "refused"):
             await assert_session_takes(http, relay, sid, participants=2)
-    assert set(worker_generations(relay)) == set(first.values())
+    assert set(worker_processes(relay)) == set(first.values())
 
 
 async def test_valid_config_change_on_hup_takes_effect_in_the_new_generation(
@@ -198,7 +157,7 @@ async def test_valid_config_change_on_hup_takes_effect_in_the_new_generation(
     config = tmp_path / "relay.toml"
     write_config(config, "max_participants = 2\n")
     relay: RelayProcess = relay_factory(workers=2, config=str(config), **RELOAD)
-    first = await wait_for_generation(relay, 2, 1)
+    first = await wait_for_workers(relay, 2, 1, WAIT_S)
     async with aiohttp.ClientSession() as http:
         await assert_session_takes(http, relay, one_session_per_slot(2, "before")[0], 2)
 
@@ -206,7 +165,7 @@ async def test_valid_config_change_on_hup_takes_effect_in_the_new_generation(
         relay.proc.send_signal(signal.SIGHUP)
         completed = await log_event(relay, "reload.completed")
         assert completed["generation"] == 2
-        second = await wait_for_generation(relay, 2, 2)
+        second = await wait_for_workers(relay, 2, 2, WAIT_S)
         assert not set(second.values()) & set(first.values())
         for sid in one_session_per_slot(2, "after"):
             await assert_session_takes(http, relay, sid, participants=1)

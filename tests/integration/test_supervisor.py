@@ -22,8 +22,9 @@ import pytest
 
 from rescue.keys import SigningKey
 from rescue.ring import Ring
-from tests.support.client import TestPeer, join
+from tests.support.client import Closed, join, messages_until_close
 from tests.support.observe import admin_stats, free_port, wait_for_exit, wait_until
+from tests.support.processes import pid_gone, wait_for_workers
 from tests.support.reconnecting import ReconnectingPeer, Swarm, describe, unlimited_http
 from tests.support.relay import RelayProcess, start_relay
 
@@ -35,61 +36,11 @@ FAST: dict[str, Any] = {
     "drain_window_s": 1.0,
     "drain_reconnect_spread_ms": 200,
 }
-TITLE = re.compile(r"beach-rescue worker (\d+) gen (\d+)")
 WAIT_S = 15.0
 IO_TIMEOUT_S = 10.0
 
 
-# --- looking at the process tree -----------------------------------------------------------
-
-
-def worker_processes(relay: RelayProcess) -> dict[int, tuple[int, int]]:
-    """Live worker children of the supervisor: ``{pid: (slot, generation)}`` from titles."""
-    out: dict[int, tuple[int, int]] = {}
-    try:
-        children = psutil.Process(relay.proc.pid).children()
-    except psutil.NoSuchProcess:
-        return out
-    for child in children:
-        try:
-            if child.status() == psutil.STATUS_ZOMBIE:
-                continue
-            title = " ".join(part for part in child.cmdline() if part)
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
-            continue
-        if title in ("", "beach-rescue supervisor"):
-            continue  # exiting (no command line any more), or forked and not yet titled
-        match = TITLE.fullmatch(title)
-        assert match, f"a child of the supervisor with an unexpected title: {title!r}"
-        out[child.pid] = (int(match[1]), int(match[2]))
-    return out
-
-
-def pid_gone(pid: int) -> bool:
-    """True if ``pid`` no longer runs (gone, or a zombie nobody reaped yet)."""
-    try:
-        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return True
-
-
-async def wait_for_workers(relay: RelayProcess, slots: int, generation: int,
-                           within_s: float = WAIT_S) -> dict[int, int]:
-    """Wait until the supervisor has exactly one worker per slot ``0..slots-1``, all of
-    ``generation``; return ``{slot: pid}``."""
-    seen: dict[int, tuple[int, int]] = {}
-
-    async def ready() -> bool:
-        seen.clear()
-        seen.update(worker_processes(relay))
-        wanted = sorted((s, generation) for s in range(slots))
-        return sorted(seen.values()) == wanted
-
-    try:
-        await wait_until(ready, f"{slots} workers of generation {generation}", within_s)
-    except AssertionError as e:
-        raise AssertionError(f"{e}; workers now: {seen}") from None
-    return {slot: pid for pid, (slot, _gen) in seen.items()}
+# --- waiting for the node -------------------------------------------------------------------
 
 
 async def holds(predicate: Callable[[], bool], what: str, within_s: float = WAIT_S) -> None:
@@ -305,25 +256,6 @@ class KeptAlive:
     def close(self) -> None:
         """Drop the connection."""
         self.writer.close()
-
-
-Closed = tuple[list[Any], tuple[int, str]]  # (messages before the close, (code, reason))
-
-
-async def messages_until_close(peer: TestPeer) -> Closed:
-    """Everything ``peer`` receives up to the close: events (dicts), frames (bytes)."""
-    received: list[Any] = list(peer.events)
-    peer.events.clear()
-    while True:
-        msg = await peer.ws.receive(timeout=IO_TIMEOUT_S)
-        if msg.type is aiohttp.WSMsgType.TEXT:
-            received.append(json.loads(msg.data))
-        elif msg.type is aiohttp.WSMsgType.BINARY:
-            received.append(msg.data)
-        elif msg.type is aiohttp.WSMsgType.CLOSE:
-            return received, (int(msg.data), str(msg.extra))
-        else:
-            return received, (peer.ws.close_code or -1, "")
 
 
 async def readyz_until_gone(conn: KeptAlive) -> list[int]:

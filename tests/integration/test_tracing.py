@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,9 +11,9 @@ import aiohttp
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from tests.rescue.test_tracing import Collector, any_value
 from tests.support.client import join
 from tests.support.observe import wait_until
+from tests.support.otlp import Collector, any_value, serving_collector
 from tests.support.relay import RelayProcess
 
 SERVICE_KEY = "tracing-service-key"
@@ -23,13 +22,8 @@ JWT_LIKE = re.compile(r"eyJ[A-Za-z0-9_=-]*\.[A-Za-z0-9_=-]+\.")
 
 @pytest.fixture
 def collector() -> Iterator[Collector]:
-    server = Collector()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    with serving_collector() as server:
+        yield server
 
 
 def spans(collector: Collector) -> list[tuple[dict[str, Any], Any]]:

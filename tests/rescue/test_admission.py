@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import cast
 
 import pytest
@@ -11,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from rescue.admission import Load, UpgradeRequest, admit, bearer_token
 from rescue.codes import ErrorCode, Refusal
-from rescue.keys import SigningKey, generate_keypair, load_public_keys, load_signing_key
+from rescue.keys import SigningKey
 from rescue.tokens import TokenClaims, TokenVerifier, mint_token
 
 NOW = 1_700_000_000.0
@@ -209,22 +208,6 @@ def test_header_token_is_used_without_a_query_token(query_token: str | None,
 
 
 # --- with real tokens ---------------------------------------------------------------------
-
-@pytest.fixture
-def key_dir(tmp_path: Path) -> Path:
-    generate_keypair(tmp_path / "keys")
-    return tmp_path / "keys"
-
-
-@pytest.fixture
-def key(key_dir: Path) -> SigningKey:
-    return load_signing_key(key_dir)
-
-
-@pytest.fixture
-def verifier(key_dir: Path) -> TokenVerifier:
-    return TokenVerifier(load_public_keys(key_dir))
-
 
 def test_real_token_in_the_query_is_admitted(key: SigningKey, verifier: TokenVerifier) -> None:
     token = mint_token(key, session_id=SID, now=NOW)

@@ -37,22 +37,6 @@ MEM_KEY = SigningKey("mem", Ed25519PrivateKey.generate())
 MEM_VERIFIER = TokenVerifier({"mem": MEM_KEY.private_key.public_key()})
 
 
-@pytest.fixture
-def key_dir(tmp_path: Path) -> Path:
-    generate_keypair(tmp_path / "keys")
-    return tmp_path / "keys"
-
-
-@pytest.fixture
-def key(key_dir: Path) -> SigningKey:
-    return load_signing_key(key_dir)
-
-
-@pytest.fixture
-def verifier(key_dir: Path) -> TokenVerifier:
-    return TokenVerifier(load_public_keys(key_dir))
-
-
 def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -162,10 +146,10 @@ def hs256_token(secret: bytes, kid: str) -> str:
     return f"{header}.{payload}.{b64(mac)}"
 
 
-def test_refuses_hs256_signed_with_the_public_key(key: SigningKey, key_dir: Path,
+def test_refuses_hs256_signed_with_the_public_key(key: SigningKey, fresh_key_dir: Path,
                                                   verifier: TokenVerifier) -> None:
     public = key.private_key.public_key()
-    secrets = [(key_dir / f"{key.kid}.pub").read_bytes(),
+    secrets = [(fresh_key_dir / f"{key.kid}.pub").read_bytes(),
                public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)]
     for secret in secrets:
         r = assert_refused(verifier, hs256_token(secret, key.kid), ErrorCode.TOKEN_INVALID)
@@ -221,27 +205,27 @@ def test_refuses_a_payload_that_is_not_an_object(key: SigningKey,
 
 # --- key rotation -------------------------------------------------------------------------
 
-def test_rotation_accepts_every_trusted_kid_and_drops_removed_ones(key_dir: Path) -> None:
-    old = load_signing_key(key_dir)
-    new_kid = generate_keypair(key_dir)
-    new = load_signing_key(key_dir, new_kid)
+def test_rotation_accepts_every_trusted_kid_and_drops_removed_ones(fresh_key_dir: Path) -> None:
+    old = load_signing_key(fresh_key_dir)
+    new_kid = generate_keypair(fresh_key_dir)
+    new = load_signing_key(fresh_key_dir, new_kid)
     old_token = mint_token(old, session_id=SID, now=NOW)
     new_token = mint_token(new, session_id=SID, now=NOW)
 
-    both = TokenVerifier(load_public_keys(key_dir))
+    both = TokenVerifier(load_public_keys(fresh_key_dir))
     assert both.kids == {old.kid, new.kid}
     assert both.verify(old_token, SID, NOW).kid == old.kid
     assert both.verify(new_token, SID, NOW).kid == new.kid
 
-    (key_dir / f"{old.kid}.pub").unlink()
-    rotated = TokenVerifier(load_public_keys(key_dir))
+    (fresh_key_dir / f"{old.kid}.pub").unlink()
+    rotated = TokenVerifier(load_public_keys(fresh_key_dir))
     r = assert_refused(rotated, old_token, ErrorCode.TOKEN_INVALID)
     assert "unknown key" in r.detail
     assert rotated.verify(new_token, SID, NOW).kid == new.kid
 
 
-def test_a_verifier_keeps_its_own_copy_of_the_key_set(key: SigningKey, key_dir: Path) -> None:
-    trusted = load_public_keys(key_dir)
+def test_a_verifier_keeps_its_own_copy_of_the_key_set(key: SigningKey, fresh_key_dir: Path) -> None:
+    trusted = load_public_keys(fresh_key_dir)
     verifier = TokenVerifier(trusted)
     trusted.clear()
     assert verifier.verify(mint_token(key, session_id=SID, now=NOW), SID, NOW).kid == key.kid
@@ -289,18 +273,18 @@ def test_audience_may_be_a_string_or_a_list(key: SigningKey, verifier: TokenVeri
         assert "audience" in r.detail
 
 
-def test_configured_audience(key: SigningKey, key_dir: Path) -> None:
-    verifier = TokenVerifier(load_public_keys(key_dir), audience="relay-eu")
+def test_configured_audience(key: SigningKey, fresh_key_dir: Path) -> None:
+    verifier = TokenVerifier(load_public_keys(fresh_key_dir), audience="relay-eu")
     assert verifier.verify(token_with(key, aud="relay-eu"), SID, NOW).aud == "relay-eu"
     assert_refused(verifier, token_with(key), ErrorCode.TOKEN_INVALID)
 
 
-def test_issuer_checked_only_when_configured(key: SigningKey, key_dir: Path,
+def test_issuer_checked_only_when_configured(key: SigningKey, fresh_key_dir: Path,
                                              verifier: TokenVerifier) -> None:
     assert verifier.verify(token_with(key, iss="anyone"), SID, NOW).iss == "anyone"
     assert verifier.verify(token_with(key, iss=...), SID, NOW).iss == ""
 
-    strict = TokenVerifier(load_public_keys(key_dir), issuer="control-plane")
+    strict = TokenVerifier(load_public_keys(fresh_key_dir), issuer="control-plane")
     assert strict.verify(token_with(key), SID, NOW).iss == "control-plane"
     for iss in ("anyone", ...):
         r = assert_refused(strict, token_with(key, iss=iss), ErrorCode.TOKEN_INVALID)
@@ -309,14 +293,14 @@ def test_issuer_checked_only_when_configured(key: SigningKey, key_dir: Path,
 
 # --- lifetime and time window -------------------------------------------------------------
 
-def test_lifetime_limit(key: SigningKey, key_dir: Path, verifier: TokenVerifier) -> None:
+def test_lifetime_limit(key: SigningKey, fresh_key_dir: Path, verifier: TokenVerifier) -> None:
     iat = int(NOW)
     assert verifier.verify(token_with(key, exp=iat + 300), SID, NOW).exp == iat + 300
     r = assert_refused(verifier, token_with(key, exp=iat + 301), ErrorCode.TOKEN_INVALID)
     assert "lifetime" in r.detail
     assert_refused(verifier, token_with(key, exp=iat), ErrorCode.TOKEN_INVALID)
 
-    short = TokenVerifier(load_public_keys(key_dir), max_lifetime_s=60)
+    short = TokenVerifier(load_public_keys(fresh_key_dir), max_lifetime_s=60)
     assert short.verify(token_with(key, exp=iat + 60), SID, NOW).exp == iat + 60
     assert_refused(short, token_with(key, exp=iat + 61), ErrorCode.TOKEN_INVALID)
 
@@ -348,8 +332,8 @@ def test_expiry_edges(key: SigningKey, verifier: TokenVerifier) -> None:
     assert_refused(verifier, token, ErrorCode.TOKEN_EXPIRED, now=exp + 10_000)
 
 
-def test_zero_leeway(key: SigningKey, key_dir: Path) -> None:
-    strict = TokenVerifier(load_public_keys(key_dir), leeway_s=0)
+def test_zero_leeway(key: SigningKey, fresh_key_dir: Path) -> None:
+    strict = TokenVerifier(load_public_keys(fresh_key_dir), leeway_s=0)
     token = mint_token(key, session_id=SID, now=NOW, ttl_s=10)
     assert_refused(strict, token, ErrorCode.TOKEN_INVALID, now=NOW - 0.5)
     assert strict.verify(token, SID, int(NOW) + 9.999).sid == SID
@@ -364,13 +348,13 @@ def test_session_mismatch(key: SigningKey, verifier: TokenVerifier) -> None:
         assert_refused(verifier, token, ErrorCode.SESSION_MISMATCH, session_id=other)
 
 
-def test_capability_required_unless_disabled(key: SigningKey, key_dir: Path,
+def test_capability_required_unless_disabled(key: SigningKey, fresh_key_dir: Path,
                                              verifier: TokenVerifier) -> None:
     for caps in ((), (CAP_TELEMETRY,), ("fallback-WS",)):
         token = mint_token(key, session_id=SID, now=NOW, caps=caps)
         r = assert_refused(verifier, token, ErrorCode.NOT_ENTITLED)
         assert CAP_FALLBACK_WS in r.detail
-        lenient = TokenVerifier(load_public_keys(key_dir), require_capability=False)
+        lenient = TokenVerifier(load_public_keys(fresh_key_dir), require_capability=False)
         assert lenient.verify(token, SID, NOW).cap == caps
 
 
@@ -434,9 +418,9 @@ def test_cache_does_not_remember_refused_tokens(
     assert counter.calls == 3
 
 
-def test_cache_is_a_bounded_lru(key: SigningKey, key_dir: Path,
+def test_cache_is_a_bounded_lru(key: SigningKey, fresh_key_dir: Path,
                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    verifier = TokenVerifier(load_public_keys(key_dir), cache_size=2)
+    verifier = TokenVerifier(load_public_keys(fresh_key_dir), cache_size=2)
     counter = DecodeCounter(monkeypatch)
     a, b, c = (mint_token(key, session_id=s, now=NOW) for s in ("a", "b", "c"))
     verifier.verify(a, "a", NOW)
@@ -450,9 +434,9 @@ def test_cache_is_a_bounded_lru(key: SigningKey, key_dir: Path,
     assert counter.calls == 4
 
 
-def test_cache_can_be_disabled(key: SigningKey, key_dir: Path,
+def test_cache_can_be_disabled(key: SigningKey, fresh_key_dir: Path,
                                monkeypatch: pytest.MonkeyPatch) -> None:
-    verifier = TokenVerifier(load_public_keys(key_dir), cache_size=0)
+    verifier = TokenVerifier(load_public_keys(fresh_key_dir), cache_size=0)
     counter = DecodeCounter(monkeypatch)
     token = mint_token(key, session_id=SID, now=NOW)
     for _ in range(3):
@@ -462,11 +446,11 @@ def test_cache_can_be_disabled(key: SigningKey, key_dir: Path,
 
 # --- configuration ------------------------------------------------------------------------
 
-def test_from_config_applies_the_token_settings(key: SigningKey, key_dir: Path) -> None:
+def test_from_config_applies_the_token_settings(key: SigningKey, fresh_key_dir: Path) -> None:
     config = load_config(environ={}, overrides={
         "token_audience": "relay-eu", "token_issuer": "cp", "token_leeway_s": 5,
         "token_max_lifetime_s": 100, "entitlement_checks": False})
-    verifier = TokenVerifier.from_config(config, load_public_keys(key_dir))
+    verifier = TokenVerifier.from_config(config, load_public_keys(fresh_key_dir))
     token = mint_token(key, session_id=SID, now=NOW, ttl_s=100, caps=(), issuer="cp",
                        audience="relay-eu")
     assert verifier.verify(token, SID, NOW).cap == ()
@@ -478,8 +462,8 @@ def test_from_config_applies_the_token_settings(key: SigningKey, key_dir: Path) 
                                         audience="relay-eu"), ErrorCode.TOKEN_INVALID)
 
 
-def test_from_config_defaults_require_the_capability(key: SigningKey, key_dir: Path) -> None:
-    verifier = TokenVerifier.from_config(load_config(environ={}), load_public_keys(key_dir))
+def test_from_config_defaults_require_the_capability(key: SigningKey, fresh_key_dir: Path) -> None:
+    verifier = TokenVerifier.from_config(load_config(environ={}), load_public_keys(fresh_key_dir))
     assert_refused(verifier, mint_token(key, session_id=SID, now=NOW, caps=()),
                    ErrorCode.NOT_ENTITLED)
 

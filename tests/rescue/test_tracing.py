@@ -3,14 +3,12 @@ and a real OTLP/HTTP export to a collector stand-in."""
 
 from __future__ import annotations
 
-import http.server
 import importlib
 import logging
 import re
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +24,7 @@ from rescue import tracing
 from rescue.keys import SigningKey
 from rescue.tokens import mint_token
 from rescue.tracing import ATTRIBUTES, NOOP_SPAN, PREFIX, TracingError, span
+from tests.support.otlp import Collector, any_value, serving_collector
 
 ROOT = Path(__file__).resolve().parents[2]
 ENDPOINT = "http://127.0.0.1:4318"
@@ -269,43 +268,10 @@ def test_an_injected_exporter_needs_only_the_sdk(monkeypatch: pytest.MonkeyPatch
 # --- a real export -------------------------------------------------------------------------
 
 
-class Collector(http.server.ThreadingHTTPServer):
-    """An OTLP/HTTP stand-in on 127.0.0.1:0 that keeps every request it gets."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[str, str, bytes]] = []
-        super().__init__(("127.0.0.1", 0), CollectorHandler)
-
-
-class CollectorHandler(http.server.BaseHTTPRequestHandler):
-    server: Collector
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.server.requests.append((self.path, self.headers["Content-Type"], body))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-def any_value(value: Any) -> Any:
-    """The Python value of an OTLP ``AnyValue`` (whichever field is set)."""
-    return getattr(value, value.WhichOneof("value"))
-
-
 @pytest.fixture
 def collector() -> Iterator[Collector]:
-    server = Collector()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    with serving_collector() as server:
+        yield server
 
 
 def test_spans_reach_an_otlp_collector_on_shutdown(collector: Collector) -> None:

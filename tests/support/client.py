@@ -136,3 +136,43 @@ async def join_peer(http: aiohttp.ClientSession, relay: Any, session_id: str, ro
     if peer.server_hello.get("type") != "server_hello":
         raise UnexpectedMessage(f"expected server_hello, got {peer.server_hello}")
     return peer
+
+
+Closed = tuple[list[Any], tuple[int, str]]  # (messages before the close, (code, reason))
+
+
+async def messages_until_close(peer: TestPeer,
+                               timeout: float = RECEIVE_TIMEOUT_S) -> Closed:  # noqa: ASYNC109
+    """Everything ``peer`` receives up to the close: events (dicts) and frames (bytes),
+    collected events first; then the close's (code, reason), or (close code or -1, "")
+    when the connection ends without a close frame."""
+    received: list[Any] = list(peer.events)
+    peer.events.clear()
+    while True:
+        msg = await peer.ws.receive(timeout=timeout)
+        if msg.type is aiohttp.WSMsgType.TEXT:
+            received.append(json.loads(msg.data))
+        elif msg.type is aiohttp.WSMsgType.BINARY:
+            received.append(msg.data)
+        elif msg.type is aiohttp.WSMsgType.CLOSE:
+            return received, (int(msg.data), str(msg.extra))
+        else:
+            return received, (peer.ws.close_code or -1, "")
+
+
+async def assert_relaying(host: TestPeer, part: TestPeer) -> None:
+    """One frame each way between ``host`` and ``part``, each received as sent."""
+    await host.send_frame(b"host says")
+    assert (await part.recv_frame()).payload == b"host says"
+    await part.send_frame(b"participant says")
+    assert (await host.recv_frame()).payload == b"participant says"
+
+
+async def join_relaying_pair(http: aiohttp.ClientSession, relay: Any, session_id: str,
+                             token: str) -> tuple[TestPeer, TestPeer]:
+    """Join host ``h-<session_id>`` and participant ``p-<session_id>`` with ``token`` and
+    check that they relay a frame each way; return (host, participant)."""
+    host = await join(http, relay, session_id, "host", f"h-{session_id}", token=token)
+    part = await join(http, relay, session_id, "participant", f"p-{session_id}", token=token)
+    await assert_relaying(host, part)
+    return host, part
