@@ -7,7 +7,8 @@ ring which slot owns it. Its own slot: the socket goes to aiohttp through
 ``loop.connect_accepted_socket``. Another slot: the file descriptor is passed with
 ``socket.send_fds`` over that slot's ``SOCK_SEQPACKET`` inbox; no byte was read, so the
 owner serves the request as if it had accepted it. A hand-off waits in the inbox while
-the owner restarts; the owner answers 503 to hand-offs older than ``hold_s``.
+the owner restarts (and when the inbox queue is full, the sender holds the connection and
+retries for up to ``hold_s``); the owner answers 503 to hand-offs older than ``hold_s``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ INBOX_BATCH = 64
 _STAMP = struct.Struct("!ddI")  # CLOCK_MONOTONIC at accept and at send, sender slot
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _PEEK_RETRY_FIRST_S = 0.002
+_HANDOFF_RETRY_FIRST_S = 0.005
+_HANDOFF_RETRY_MAX_S = 0.1
+MAX_HELD_HANDOFFS = 4096
+"""Connections held while their owner's inbox is full; past this they are refused (503)."""
 _PEEK_RETRY_MAX_S = 0.05
 
 
@@ -47,6 +52,7 @@ class IntakeStats:
     handed_off: int = 0
     adopted: int = 0
     handoff_failures: int = 0
+    handoff_retries: int = 0
     handoffs_expired: int = 0
     peek_timeouts: int = 0
     accept_errors: int = 0
@@ -93,6 +99,7 @@ class Acceptor:
         self.running = False
         self._loop = asyncio.get_running_loop()
         self._pending: set[_Peek] = set()
+        self._held = 0
         self._last_resource_log = 0.0
         self._resume_handle: asyncio.TimerHandle | None = None
 
@@ -175,22 +182,46 @@ class Acceptor:
             self.stats.served_local += 1
             self.serve(conn, accepted_at)
             return
+        self._hand_off(conn, owner, accepted_at, None, _HANDOFF_RETRY_FIRST_S)
+
+    def _hand_off(self, conn: socket.socket, owner: int, accepted_at: float,
+                  first_try: float | None, delay: float) -> None:
+        """Pass ``conn`` to ``owner``'s inbox; while the inbox is full, retry for ``hold_s``.
+
+        A full inbox means the owner is restarting (its successor will drain the queue)
+        or briefly overwhelmed, so the connection is held rather than refused at once.
+        """
         outbox = self.outboxes.get(owner)
+        now = time.monotonic()
         try:
             if outbox is None:
                 raise OSError(errno.ENOENT, f"no inbox for slot {owner}")
-            socket.send_fds(outbox, [_STAMP.pack(accepted_at, time.monotonic(), self.slot)],
+            socket.send_fds(outbox, [_STAMP.pack(accepted_at, now, self.slot)],
                             [conn.fileno()], socket.MSG_DONTWAIT)
         except OSError as e:
+            first_try = now if first_try is None else first_try
+            if (e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS)
+                    and now - first_try < self.hold_s and self._held < MAX_HELD_HANDOFFS):
+                self._held += 1
+                self.stats.handoff_retries += 1
+                self._loop.call_later(delay, self._retry_hand_off, conn, owner, accepted_at,
+                                      first_try, min(delay * 2, _HANDOFF_RETRY_MAX_S))
+                return
             self.stats.handoff_failures += 1
             log_event(log, "handoff.failed", level=logging.WARNING, owner=owner,
-                      error=errno.errorcode.get(e.errno or 0, str(e)))
+                      error=errno.errorcode.get(e.errno or 0, str(e)),
+                      held_s=round(now - first_try, 3))
             refuse_raw(conn, "503 Service Unavailable", "overloaded",
                        "the worker owning this session is unavailable", 1)
             return
         self.stats.handed_off += 1
         log_event(log, "handoff", level=logging.DEBUG, slot=self.slot, owner=owner)
         conn.close()
+
+    def _retry_hand_off(self, conn: socket.socket, owner: int, accepted_at: float,
+                        first_try: float, delay: float) -> None:
+        self._held -= 1
+        self._hand_off(conn, owner, accepted_at, first_try, delay)
 
     # --- adopt ---------------------------------------------------------------------------
     def _on_inbox(self) -> None:

@@ -58,6 +58,7 @@ class WorkerExport:
             add(metrics.HANDOFFS, intake.adopted, "in")
             add(metrics.HANDOFFS, intake.handoff_failures, "failed")
             add(metrics.HANDOFFS, intake.handoffs_expired, "expired")
+            add(metrics.HANDOFFS, intake.handoff_retries, "retried")
             add(metrics.HEADER_TIMEOUTS, intake.peek_timeouts, "request_line")
         times = os.times()
         add(metrics.WORKER_CPU, times.user + times.system)
