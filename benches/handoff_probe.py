@@ -45,6 +45,8 @@ class ProbeResult:
                                                                       "handed_off": []})
     request_only: dict[str, list[float]] = field(default_factory=lambda: {"local": [],
                                                                            "handed_off": []})
+    cpu_us: dict[str, list[float]] = field(default_factory=lambda: {"local": [],
+                                                                     "handed_off": []})
     accept_slots: dict[int, int] = field(default_factory=dict)
     unclassified: int = 0
     failures: dict[str, int] = field(default_factory=dict)
@@ -113,15 +115,20 @@ def accepting_slot(relay_port: int, client_port: int, workers: dict[int, int],
 
 def probe(port: int, workers: dict[int, int], connections: int, minter: TokenMinter,
           prefix: str, *, gap_s: float = 0.001, seed: int = 1,
+          cpu_reader: Callable[[], float] | None = None,
           progress: Callable[[int], None] | None = None) -> ProbeResult:
     """Open ``connections`` connections one at a time; time and classify each (see module doc).
 
-    ``workers`` maps worker pid to slot. With one worker every connection is local.
+    ``workers`` maps worker pid to slot. With one worker every connection is local. With
+    ``cpu_reader`` (the relay's CPU seconds so far), the relay CPU from one connection's
+    request to the next one's is charged to the first: its upgrade, hello and close, and the
+    accept of the next connection, which costs the same in both classes.
     """
     slots = len(set(workers.values()))
     rng = random.Random(seed)
     pools = session_pools(prefix, slots, connections)
     result = ProbeResult()
+    last: tuple[str, float] | None = None  # (class, relay CPU at its request)
     for n in range(connections):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -142,6 +149,12 @@ def probe(port: int, workers: dict[int, int], connections: int, minter: TokenMin
             session_id = pools[owner].pop()
             request = upgrade_request("127.0.0.1", port, session_id, minter.mint(session_id))
             hello = client_hello(session_id, "host", os.urandom(8).hex())
+            kind = "handed_off" if handed_off else "local"
+            if cpu_reader is not None:
+                cpu = cpu_reader()
+                if last is not None:
+                    result.cpu_us[last[0]].append((cpu - last[1]) * 1e6)
+                last = (kind, cpu)
             t2 = time.perf_counter_ns()
             hello_blocking(sock, request, hello)
             t3 = time.perf_counter_ns()
@@ -153,7 +166,6 @@ def probe(port: int, workers: dict[int, int], connections: int, minter: TokenMin
             # A reset leaves no TIME_WAIT entry behind, so /proc/net/tcp stays short.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             sock.close()
-        kind = "handed_off" if handed_off else "local"
         result.samples[kind].append((t1 - t0 + t3 - t2) / 1000)
         result.request_only[kind].append((t3 - t2) / 1000)
         if progress is not None and (n + 1) % 500 == 0:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 import secrets
 import time
 import traceback
@@ -26,6 +28,8 @@ from bench_runner import BenchContext
 from relay_process import RELAYS, RelayProcess
 
 INTAKE_KEYS = ("accepted", "handed_off", "adopted", "handoff_failures")
+_HANDOFF_LINE = re.compile(r'^beach_rescue_handoffs_total\{[^}]*event="([a-z_]+)"[^}]*\} '
+                           r'([0-9.e+]+)$', re.MULTILINE)
 
 
 class RescueRelay:
@@ -45,16 +49,47 @@ class RescueRelay:
         """Return ``/debug/stats`` from whichever worker accepts the request."""
         return admin_stats(self.admin_port, self.admin_key, timeout_s)
 
-    def settled_stats(self, wait_s: float = 2.5) -> dict[str, Any]:
+    def settled_stats(self, wait_s: float = 3.0) -> dict[str, Any]:
         """Return ``/debug/stats`` after ``wait_s``: the supervisor's table of every worker's
-        numbers is refreshed from their once-a-second beats, so it lags by up to two seconds.
+        numbers comes from their once-a-second beats and is broadcast once a second, so it
+        lags by up to about two seconds.
         """
         time.sleep(wait_s)
         return self.stats()
 
+    def handoff_counters(self, timeout_s: float = 5.0) -> dict[str, float]:
+        """Return ``beach_rescue_handoffs_total`` by ``event`` (out, in, failed, retried, ...)
+        from ``/metrics``: the node's sum over every worker, dead ones included."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}/metrics")
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            text = response.read().decode()
+        out: dict[str, float] = {}
+        for match in _HANDOFF_LINE.finditer(text):
+            out[match.group(1)] = out.get(match.group(1), 0.0) + float(match.group(2))
+        return out
+
     def workers(self) -> dict[int, psutil.Process]:
         """Return the live worker processes by slot."""
         return worker_processes(self.process)
+
+
+def runtime_s(pid: int) -> float:
+    """Return the CPU time of every thread of ``pid`` so far, from ``/proc/<pid>/task/*/schedstat``
+    (nanoseconds, unlike the 10 ms ticks of ``/proc/<pid>/stat``)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            total += int(f.read().split()[0])
+    return total / 1e9
+
+
+def tree_runtime_s(relay: RelayProcess) -> float:
+    """Return the CPU seconds of the relay's live process tree, at nanosecond resolution."""
+    total = 0.0
+    for proc in relay.tree():
+        with contextlib.suppress(OSError):
+            total += runtime_s(proc.pid)
+    return total
 
 
 def admin_stats(port: int, key: str, timeout_s: float = 5.0) -> dict[str, Any]:
@@ -76,6 +111,12 @@ def intake_totals(stats: dict[str, Any]) -> dict[str, int]:
     if not rows and stats.get("intake"):
         rows = [stats["intake"]]
     return {key: sum(int(row.get(key, 0) or 0) for row in rows) for key in INTAKE_KEYS}
+
+
+def intake_by_slot(stats: dict[str, Any]) -> dict[int, dict[str, int]]:
+    """Return each live worker's intake counters by slot (from the ``workers`` table)."""
+    return {int(row["slot"]): {key: int(row.get(key, 0) or 0) for key in INTAKE_KEYS}
+            for row in stats.get("workers") or [] if row.get("slot") is not None}
 
 
 def intake_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, Any]:

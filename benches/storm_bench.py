@@ -38,7 +38,13 @@ from bench_host import ForeignCpu, pin
 from bench_report import Metric, run_lines, summarize, summary_table, write_result
 from bench_runner import BenchContext, add_common_arguments, alternate, prepare
 from handoff_probe import percentile
-from multiworker_runner import RescueRelay, intake_delta, intake_totals, wait_for_table, with_rescue
+from multiworker_runner import (
+    RescueRelay,
+    intake_by_slot,
+    runtime_s,
+    wait_for_table,
+    with_rescue,
+)
 
 from rescue.ring import Ring
 
@@ -58,6 +64,10 @@ METRICS: list[Metric] = [
     ("failed_attempts", "failed reconnect attempts", ""),
     ("attempts", "reconnect attempts", ""),
     ("bystanders_dropped", "bystander sessions dropped", ""),
+    ("w1_handed_off", "worker 1: handed to worker 0's inbox", ""),
+    ("w1_handoff_failures", "worker 1: hand-offs refused (inbox full, 503)", ""),
+    ("new_w0_adopted", "replacement worker 0: adopted", ""),
+    ("handoff_retries", "hand-off retries while worker 0's inbox was full", ""),
     ("peak_relay_cpu_cores", "peak relay CPU", "cores"),
     ("mean_relay_cpu_cores", "mean relay CPU, kill -> all paired", "cores"),
     ("verified_sessions", "sessions paired in the final check", ""),
@@ -85,9 +95,8 @@ class CpuSampler(threading.Thread):
     def _cpu(self) -> dict[int, float]:
         out = {}
         for p in self.relay.process.tree():
-            with contextlib.suppress(psutil.Error):
-                t = p.cpu_times()
-                out[p.pid] = t.user + t.system
+            with contextlib.suppress(psutil.Error, OSError):
+                out[p.pid] = runtime_s(p.pid)
                 if p.pid not in self._known:
                     self._known.add(p.pid)
                     title = " ".join(p.cmdline())
@@ -172,14 +181,19 @@ async def storm(relay: RescueRelay, record: dict[str, Any], ctx: BenchContext,
         record["ready"] = ready
         if not all(r["all_paired"] for r in ready):
             raise RuntimeError(f"not every session paired before the kill: {ready}")
-        await asyncio.sleep(args.settle)
-        before = intake_totals(wait_for_table(relay, 2))
+        wait_for_table(relay, 2)
+        before = intake_by_slot(relay.settled_stats(args.settle))
+        handoffs_before = relay.handoff_counters()
         worker0 = relay.workers()[0]
         record["killed"] = {"pid": worker0.pid, "title": " ".join(worker0.cmdline())}
         foreign = ForeignCpu()
         sampler = CpuSampler(relay, args.sample_ms / 1000, worker0.pid)
         sampler.start()
         await asyncio.sleep(0.3)  # a few samples before the kill
+        # The killed worker's CPU so far leaves the tree with it; without this the foreign-CPU
+        # probe would count it as other processes' work.
+        dying = worker0.cpu_times()
+        foreign.own0 -= dying.user + dying.system
         kill_ns = time.monotonic_ns()
         os.kill(worker0.pid, signal.SIGKILL)
         for proc in procs:
@@ -192,9 +206,19 @@ async def storm(relay: RescueRelay, record: dict[str, Any], ctx: BenchContext,
         for proc in procs:
             await _send(proc, {"cmd": "verify", "timeout_s": 15})
         verified = [await _event(p, "verified", 30) for p in procs]
-        stats = relay.settled_stats(1.5)
+        stats = relay.settled_stats()
         record["workers_table"] = stats.get("workers")
-        record["intake"] = intake_delta(before, intake_totals(stats))
+        after = intake_by_slot(stats)
+        handoffs_after = relay.handoff_counters()
+        record["handoff_counters"] = {
+            event: handoffs_after.get(event, 0.0) - handoffs_before.get(event, 0.0)
+            for event in handoffs_after}
+        # The killed worker's counters died with it; worker 1's are continuous, and the
+        # replacement worker 0 counts from its start.
+        record["intake"] = {
+            "worker1": {k: after.get(1, {}).get(k, 0) - before.get(1, {}).get(k, 0)
+                        for k in before.get(1, {})},
+            "new_worker0": after.get(0, {})}
         for proc in procs:
             await _send(proc, {"cmd": "close"})
         for proc in procs:
@@ -251,6 +275,10 @@ def storm_metrics(record: dict[str, Any], done: list[dict[str, Any]],
         "failed_attempts": sum(failures.values()),
         "attempts": sum(d["attempts"] for d in done),
         "bystanders_dropped": sum(d["bystanders_dropped"] for d in done),
+        "w1_handed_off": record["intake"]["worker1"].get("handed_off"),
+        "w1_handoff_failures": record["intake"]["worker1"].get("handoff_failures"),
+        "new_w0_adopted": record["intake"]["new_worker0"].get("adopted"),
+        "handoff_retries": record["handoff_counters"].get("retried", 0.0),
         "peak_relay_cpu_cores": round(max(during), 3) if during else None,
         "mean_relay_cpu_cores": round(sum(during) / len(during), 3) if during else None,
         "verified_sessions": sum(v["sessions_paired"] for v in verified),
@@ -274,9 +302,10 @@ def main() -> int:
     parser.add_argument("--backoff-base", type=float, default=0.05)
     parser.add_argument("--backoff-cap", type=float, default=2.0)
     parser.add_argument("--storm-timeout", type=float, default=60.0)
-    parser.add_argument("--settle", type=float, default=1.0,
-                        help="seconds between all paired and the kill")
-    parser.add_argument("--sample-ms", type=float, default=50.0,
+    parser.add_argument("--settle", type=float, default=3.0,
+                        help="seconds between all paired and the kill (the workers table "
+                             "catches up meanwhile)")
+    parser.add_argument("--sample-ms", type=float, default=100.0,
                         help="relay CPU sampling interval")
     add_common_arguments(parser, with_gen_cpus=True)
     parser.set_defaults(relays="rescue2")

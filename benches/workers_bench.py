@@ -20,9 +20,11 @@ not a speed-up. Results: ``benches/results/workers-<UTC timestamp>.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import Any
 
+import psutil
 import relay_bench
 from bench_report import Metric, summarize
 from bench_runner import add_common_arguments, alternate, finish, prepare
@@ -43,6 +45,7 @@ METRICS: list[Metric] = [
     ("handed_off", "connections handed off (load)", ""),
     ("handoff_failures", "hand-off failures", ""),
     ("relay_processes", "relay processes", ""),
+    ("supervisor_cpu_share", "supervisor's share of relay CPU (whole load)", "fraction"),
 ]
 RUN_LINE_KEYS = ["cpu_us_per_msg", "handoff_fraction", "lat_p95_ms", "data_delivered_ratio",
                  "gen_cpu_fraction"]
@@ -54,8 +57,13 @@ def measure(relay: RescueRelay, record: dict[str, Any], args: argparse.Namespace
     """Run relay_bench's load against ``relay``; add the intake counters of the load."""
     before = intake_totals(wait_for_table(relay, workers))
     cfg = load_config_from_args(args, url="")
+    cpu_before = process_cpu(relay)
     metrics = relay_bench.measure(relay.process, record, cfg, key_dir=key_dir, kid=kid,
                                   label=label)
+    cpu_after = process_cpu(relay)
+    split = {name: round(cpu_after[name] - cpu_before.get(name, 0.0), 3) for name in cpu_after}
+    record["cpu_by_process_s"] = split
+    total = sum(split.values())
     stats = relay.settled_stats()
     record["workers_table"] = stats.get("workers")
     intake = intake_delta(before, intake_totals(stats))
@@ -63,8 +71,24 @@ def measure(relay: RescueRelay, record: dict[str, Any], args: argparse.Namespace
     metrics.update(accepted=intake["accepted"], handed_off=intake["handed_off"],
                    handoff_failures=intake["handoff_failures"],
                    handoff_fraction=intake["handoff_fraction"],
-                   relay_processes=relay.process.processes())
+                   relay_processes=relay.process.processes(),
+                   supervisor_cpu_share=round(split.get("supervisor", 0.0) / total, 4)
+                   if total else None)
     return metrics
+
+
+def process_cpu(relay: RescueRelay) -> dict[str, float]:
+    """Return CPU seconds so far of the supervisor and of each worker (by slot)."""
+    out = {"supervisor": 0.0}
+    root = relay.process.root
+    with contextlib.suppress(psutil.Error):
+        t = root.cpu_times()
+        out["supervisor"] = t.user + t.system
+    for slot, proc in relay.workers().items():
+        with contextlib.suppress(psutil.Error):
+            t = proc.cpu_times()
+            out[f"worker{slot}"] = t.user + t.system
+    return out
 
 
 def verdict(summary: dict[str, Any], relays: list[str]) -> list[str]:
