@@ -7,6 +7,8 @@ so a flood of bad or excess requests costs no signature verification.
 
 from __future__ import annotations
 
+import hmac
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rescue.codes import ErrorCode, Refusal
@@ -47,6 +49,19 @@ def bearer_token(authorization: str | None) -> str | None:
     if scheme.lower() != "bearer" or not credentials.strip():
         return None
     return credentials.strip()
+
+
+def bearer_matches(token: str | None, keys: Sequence[bytes]) -> bool:
+    """True if ``token`` (from :func:`bearer_token`) equals one of ``keys``.
+
+    Every key is compared, in constant time, so the time taken does not tell which one
+    matched; an empty token never matches.
+    """
+    candidate = (token or "").encode()
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(candidate, key)
+    return matched and bool(candidate)
 
 
 def admit(request: UpgradeRequest, load: Load, verifier: TokenVerifier,

@@ -12,10 +12,9 @@ Every refusal is the contract's JSON error body. Tokens never reach the logs.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,7 +22,7 @@ import msgspec
 from aiohttp import web
 
 from rescue import metrics, tracing
-from rescue.admission import bearer_token
+from rescue.admission import bearer_matches, bearer_token
 from rescue.config import Config
 from rescue.controlplane.entitlement import EntitlementError, EntitlementVerifier
 from rescue.controlplane.guardrail import BreachLog, GuardrailState, evaluate
@@ -149,31 +148,24 @@ class ControlPlane:
         self.session_buckets = _Buckets(per_min / 60.0, per_min, MAX_TRACKED_SESSIONS)
         per_s = config.mint_rate_per_service_key_per_s
         self.service_buckets = _Buckets(per_s, per_s * 2, 1024)
-        self.outcomes: Counter[str] = Counter()
         self.relay_url = config.relay_url or f"ws://{config.host}:{config.port}/ws"
 
     # --- helpers ---------------------------------------------------------------------
     def _refuse(self, status: int, error: str, detail: str,
                 retry_after_s: int | None = None) -> web.Response:
-        self.outcomes[error] += 1
         metrics.TOKEN_REQUESTS.labels(error).inc()
         if error == "store_unavailable":
             metrics.STORE_ERRORS.inc()
         log_event(log, "token_api.refused", error=error, detail=detail)
         return api_error(status, error, detail, retry_after_s)
 
-    @staticmethod
-    def _key_in(given: str | None, keys: list[bytes]) -> bool:
-        candidate = (given or "").encode()
-        # Compare against every key so the time taken does not tell which one matched.
-        matched = False
-        for key in keys:
-            matched |= hmac.compare_digest(candidate, key)
-        return matched and bool(candidate)
-
     def _service(self, request: web.Request) -> str | None:
         token = bearer_token(request.headers.get("Authorization"))
-        return token if self._key_in(token, self.service_keys) else None
+        return token if bearer_matches(token, self.service_keys) else None
+
+    def _is_admin(self, request: web.Request) -> bool:
+        token = bearer_token(request.headers.get("Authorization"))
+        return bool(self.admin_key) and bearer_matches(token, [self.admin_key])
 
     async def _body(self, request: web.Request, kind: type[Any]) -> Any:
         raw = await request.read()
@@ -248,7 +240,6 @@ class ControlPlane:
                            ttl_s=ttl, cohort=body.cohort_id, caps=caps,
                            issuer="beach-rescue-control-plane",
                            audience=self.config.token_audience)
-        self.outcomes["issued"] += 1
         trace.set_attribute("ttl_s", ttl)
         trace.set_attribute("telemetry", body.telemetry_opt_in)
         trace.set_attribute("guardrail", "uncounted" if guardrail.get("uncounted") else
@@ -298,14 +289,12 @@ class ControlPlane:
         except StoreUnavailable:
             return self._refuse(503, "store_unavailable", "the guardrail store is unreachable",
                                 retry_after_s=5)
-        self.outcomes["session_counted"] += 1
         metrics.SESSIONS_COUNTED.inc()
         return web.json_response({"cohort": body.cohort_id, "sessions_this_hour": total})
 
     async def set_pause(self, request: web.Request) -> web.Response:
         """``POST /v1/admin/pause`` (``{"hard": true}`` also closes existing sessions)."""
-        if not self.admin_key or not self._key_in(
-                bearer_token(request.headers.get("Authorization")), [self.admin_key]):
+        if not self._is_admin(request):
             return self._refuse(401, "unauthenticated", "the admin key is required")
         try:
             body: PauseRequest = await self._body(request, PauseRequest)
@@ -315,8 +304,7 @@ class ControlPlane:
 
     async def resume(self, request: web.Request) -> web.Response:
         """``POST /v1/admin/resume``."""
-        if not self.admin_key or not self._key_in(
-                bearer_token(request.headers.get("Authorization")), [self.admin_key]):
+        if not self._is_admin(request):
             return self._refuse(401, "unauthenticated", "the admin key is required")
         return await self._switch(Pause.OFF)
 

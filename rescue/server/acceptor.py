@@ -245,9 +245,6 @@ class Acceptor:
                 self.stats.adopted += 1
                 self.serve(conn, accepted_at)
 
-    def pending_peeks(self) -> int:
-        """Connections accepted but not yet routed."""
-        return len(self._pending)
 
 
 class _Peek:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 from dataclasses import asdict
 from typing import Any
 
 from aiohttp import web
 
 from rescue import metrics
-from rescue.admission import bearer_token
+from rescue.admission import bearer_matches, bearer_token
 from rescue.codes import ErrorCode
 from rescue.server.peer import Peer
 from rescue.server.relay import Relay, error_response
@@ -68,8 +67,7 @@ def admin_app(relay: Relay) -> web.Application:
         if not key:
             return error_response(ErrorCode.NOT_ENTITLED,
                                   "admin_key is not configured; admin endpoints are disabled")
-        given = (bearer_token(request.headers.get("Authorization")) or "").encode()
-        if not hmac.compare_digest(given, key):
+        if not bearer_matches(bearer_token(request.headers.get("Authorization")), [key]):
             return web.json_response({"error": "unauthenticated",
                                       "detail": "admin key required"}, status=401)
         return web.json_response(stats_snapshot(relay, request.query.get("session")))
@@ -77,11 +75,10 @@ def admin_app(relay: Relay) -> web.Application:
     metrics_key = relay.config.metrics_key.encode()
 
     async def metrics_handler(request: web.Request) -> web.Response:
-        if metrics_key:
-            given = (bearer_token(request.headers.get("Authorization")) or "").encode()
-            if not hmac.compare_digest(given, metrics_key):
-                return web.json_response({"error": "unauthenticated",
-                                          "detail": "metrics key required"}, status=401)
+        if metrics_key and not bearer_matches(
+                bearer_token(request.headers.get("Authorization")), [metrics_key]):
+            return web.json_response({"error": "unauthenticated",
+                                      "detail": "metrics key required"}, status=401)
         return web.Response(body=metrics.exposition(),
                             content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})

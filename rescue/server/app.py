@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,10 @@ from rescue import __version__, keys
 from rescue.codes import ErrorCode
 from rescue.config import Config
 from rescue.controlplane.api import ControlPlane
-from rescue.server.relay import Relay, error_response
+from rescue.server.relay import Relay, error_response, method_not_allowed
 from rescue.tokens import TokenVerifier
 
 log = logging.getLogger("rescue.server")
-
-# File descriptors kept free for listeners, logs, key files and the admin listener.
-FD_RESERVE = 64
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -83,14 +80,6 @@ def build_app(relay: Relay, on_request: Callable[[web.Request], None],
     app.router.add_route("*", "/ws", relay.handle_ws)
     app.router.add_route("*", "/{tail:.*}", dispatch)
     return app
-
-
-def method_not_allowed(request: web.Request, allowed: Iterable[str]) -> web.Response:
-    """The contract's 405 with its ``Allow`` header."""
-    response = error_response(ErrorCode.METHOD_NOT_ALLOWED,
-                              f"{request.method} is not allowed on {request.path}")
-    response.headers["Allow"] = ", ".join(sorted(allowed))
-    return response
 
 
 def _health(relay: Relay) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from time import perf_counter
 from typing import Any, TypeVar
 
@@ -68,6 +68,14 @@ def _close_name(code: int | None) -> str:
     if code is None or code not in CloseCode._value2member_map_:
         return "closed"
     return CloseCode(code).name
+
+
+def method_not_allowed(request: web.Request, allowed: Iterable[str]) -> web.Response:
+    """The contract's 405 with its ``Allow`` header."""
+    response = error_response(ErrorCode.METHOD_NOT_ALLOWED,
+                              f"{request.method} is not allowed on {request.path}")
+    response.headers["Allow"] = ", ".join(sorted(allowed))
+    return response
 
 
 class RelayWebSocket(web.WebSocketResponse):
@@ -183,10 +191,7 @@ class Relay:
         self.on_request(request)
         if request.method not in ("GET", "HEAD"):
             self.stats.upgrades_refused[ErrorCode.METHOD_NOT_ALLOWED.code] += 1
-            response = error_response(ErrorCode.METHOD_NOT_ALLOWED,
-                                      f"{request.method} is not allowed on /ws")
-            response.headers["Allow"] = "GET, HEAD"
-            return response
+            return method_not_allowed(request, ("GET", "HEAD"))
         query = request.query
         upgrade = UpgradeRequest(
             session=query.get("session"), query_token=query.get("token"),
