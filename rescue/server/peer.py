@@ -126,13 +126,15 @@ class Peer:
     def close(self, code: CloseCode, left_reason: str) -> None:
         """Leave the session now and close the WebSocket with ``code`` in the background.
 
-        Idempotent. Counterparts get ``peer_left`` with ``left_reason``.
+        Idempotent. Counterparts get ``peer_left`` with ``left_reason``; the close is
+        counted (by reason) in the worker's stats.
         """
         if self.closing:
             return
         self.relay.detach(self, left_reason)
         self.closing = True
         self.close_code = code
+        self.relay.stats.closes[code.name] += 1
         if self._release is not None and not self._release.done():
             self._release.set_result(None)  # wake senders waiting for this peer to drain
         self._close_task = self.relay.spawn(self._close_ws(code))

@@ -144,7 +144,6 @@ class Relay:
                   peers=len(self.peers))
         if pause is Pause.HARD:
             for peer in list(self.peers):
-                self.stats.closes[CloseCode.GUARDRAIL_TRIPPED.name] += 1
                 peer.close(CloseCode.GUARDRAIL_TRIPPED, "paused")
 
     def beat_stats(self) -> dict[str, Any]:
@@ -345,7 +344,6 @@ class Relay:
             for other in replaced.notify:
                 other.write_text(left)
             old.close(CloseCode.REPLACED, "replaced")
-            self.stats.closes[CloseCode.REPLACED.name] += 1
         joined_event = encode_peer_joined(peer.role, peer.peer_id)
         for other in joined.notify:
             other.write_text(joined_event)
@@ -462,16 +460,18 @@ class Relay:
             if receiver.protocol.writing_paused and not receiver.closing:
                 stats.flow_pauses += 1
                 if not await receiver.wait_writable(slow_timeout):
-                    stats.slow_consumer_evictions += 1
-                    log_event(log, "peer.evicted", connection_id=receiver.connection_id,
-                              buffered=receiver.write_buffer_size)
-                    receiver.close(CloseCode.SLOW_CONSUMER, "evicted")
-                    stats.closes[CloseCode.SLOW_CONSUMER.name] += 1
+                    self.evict_slow_consumer(receiver)
+
+    def evict_slow_consumer(self, peer: Peer) -> None:
+        """Close a receiver that stayed over its high-water mark past the deadline (4005)."""
+        self.stats.slow_consumer_evictions += 1
+        log_event(log, "peer.evicted", connection_id=peer.connection_id,
+                  buffered=peer.write_buffer_size)
+        peer.close(CloseCode.SLOW_CONSUMER, "evicted")
 
     async def _finish(self, peer: Peer, code: CloseCode, reason: str) -> None:
         if not peer.closing:
             peer.close(code, reason)
-            self.stats.closes[code.name] += 1
         log_event(log, "connection.closed", connection_id=peer.connection_id,
                   code=int(peer.close_code or code), role=peer.role,
                   rx_msgs=peer.rx_msgs, rx_bytes=peer.rx_bytes,

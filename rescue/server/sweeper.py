@@ -38,7 +38,6 @@ def sweep_once(relay: Relay, now: float) -> None:
             peer.missed += 1
             if peer.missed >= config.missed_heartbeats:
                 stats.idle_closes += 1
-                stats.closes[CloseCode.IDLE_TIMEOUT.name] += 1
                 log_event(log, "peer.idle_timeout", connection_id=peer.connection_id,
                           missed=peer.missed)
                 peer.close(CloseCode.IDLE_TIMEOUT, "timeout")
@@ -53,7 +52,6 @@ def sweep_once(relay: Relay, now: float) -> None:
             peer.seen_data_at = now
         elif data_idle and now - peer.seen_data_at >= data_idle:
             stats.idle_closes += 1
-            stats.closes[CloseCode.IDLE_TIMEOUT.name] += 1
             log_event(log, "peer.data_idle", connection_id=peer.connection_id)
             peer.close(CloseCode.IDLE_TIMEOUT, "timeout")
             continue
@@ -61,11 +59,7 @@ def sweep_once(relay: Relay, now: float) -> None:
             if peer.paused_since is None:
                 peer.paused_since = now
             elif now - peer.paused_since >= config.slow_consumer_timeout_s:
-                stats.slow_consumer_evictions += 1
-                stats.closes[CloseCode.SLOW_CONSUMER.name] += 1
-                log_event(log, "peer.evicted", connection_id=peer.connection_id,
-                          buffered=peer.write_buffer_size)
-                peer.close(CloseCode.SLOW_CONSUMER, "evicted")
+                relay.evict_slow_consumer(peer)
         else:
             peer.paused_since = None
     for session in relay.registry.expire_sessions(now):

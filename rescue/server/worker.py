@@ -113,7 +113,6 @@ async def drain_peers(relay: Relay, drainer: Drainer) -> bool:
         for peer in sorted(relay.peers, key=lambda p: p.session.session_id)[:step.notify]:
             peer.write_text(encode_draining(drainer.reconnect_after_ms()))
             relay.stats.drain_notified += 1
-            relay.stats.closes[CloseCode.SERVER_SHUTDOWN.name] += 1
             peer.close(CloseCode.SERVER_SHUTDOWN, "draining")
         if step.finished:
             break
