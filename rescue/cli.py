@@ -1,4 +1,4 @@
-"""The ``beach-rescue`` command: ``serve``, ``token keygen|mint`` and ``config docs|check``."""
+"""The ``beach-rescue`` command: serve, control-plane, token, probe, connect and config."""
 
 from __future__ import annotations
 
@@ -69,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--metrics-file", metavar="PATH",
                        help="write the result as a Prometheus textfile-collector file")
 
+    connect = commands.add_parser(
+        "connect", help="netcat through the relay, end-to-end encrypted (exit 3 on a "
+                        "channel failure)")
+    from rescue.client.pipe import add_arguments as add_connect_arguments
+
+    add_connect_arguments(connect)
+
     config = commands.add_parser("config", help="inspect the configuration")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     config_commands.add_parser("docs", help="print the Markdown configuration reference")
@@ -124,6 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve_control_plane(config)
         if args.command == "token":
             return _cmd_token(args, config)
+        if args.command == "connect":
+            from rescue.client.pipe import main as connect_main
+
+            return connect_main(args, config.token_audience, config.resolved_state_dir())
         if args.command == "probe":
             from rescue.probe import run_command
 

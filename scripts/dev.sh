@@ -56,6 +56,7 @@ test)
     shift
     command -v redis-server >/dev/null || apt_install redis-server
     command -v promtool >/dev/null || apt_install prometheus
+    command -v haproxy >/dev/null || apt_install haproxy
     venv
     "$VENV/bin/ruff" check rescue supervisor tests benches load
     "$VENV/bin/mypy"

@@ -55,10 +55,20 @@ _PING = WSMsgType.PING
 _PONG = WSMsgType.PONG
 
 
+#: Response header repeating the JSON body's ``error`` code on every refusal.
+ERROR_HEADER = "X-Beach-Rescue-Error"
+
+
 def error_response(error: ErrorCode, detail: str,
                    retry_after_s: int | None = None) -> web.Response:
-    """Build the contract's JSON error response."""
-    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+    """Build the contract's JSON error response (the code also in ``X-Beach-Rescue-Error``).
+
+    The header lets WebSocket clients, whose libraries rarely expose a failed upgrade's
+    body, tell ``token_expired`` from ``token_invalid``.
+    """
+    headers = {ERROR_HEADER: error.code}
+    if retry_after_s is not None:
+        headers["Retry-After"] = str(retry_after_s)
     return web.json_response({"error": error.code, "detail": detail},
                              status=error.status, headers=headers)
 

@@ -1,0 +1,1 @@
+"""beach-rescue client SDK: an end-to-end encrypted, resumable channel through the relay."""
