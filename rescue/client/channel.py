@@ -166,6 +166,14 @@ class Channel:
         return self._failure
 
     @property
+    def counterparts(self) -> list[str]:
+        """Peer ids this side holds keys with (a host's participants, a participant's host)."""
+        engine = self._engine
+        if isinstance(engine, HostEngine):
+            return engine.participants
+        return [] if engine.link is None else [engine.link.host_peer_id]
+
+    @property
     def ready(self) -> bool:
         """True while keys with a counterpart exist (messages can be sealed)."""
         return self._engine.ready
@@ -252,6 +260,8 @@ class Channel:
         if self._task is not None and self._failure is None:
             with contextlib.suppress(ChannelError):  # the failure stays in `failure`
                 await self.finish(reason)
+                self._engine.send_leave()
+                await self._flush()
         self._closing = True
         ws = self._ws
         if ws is not None:

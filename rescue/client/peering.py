@@ -45,6 +45,7 @@ from rescue.client.stream import (
     Inbox,
     Outbox,
     ResendRequest,
+    encode_leave,
     encode_resend_request,
     parse_control_body,
 )
@@ -171,6 +172,11 @@ class ParticipantEngine(PeerEngine):
         """End this participant's stream in order (a close frame after every message)."""
         if self.link is not None:
             self._out.append(self.link.outbox.seal_close(reason))
+
+    def send_leave(self) -> None:
+        """Tell the host we are gone for good, so it holds nothing back for us."""
+        if self.link is not None:
+            self._out.append(self.link.outbox.seal_control(encode_leave()))
 
     @property
     def unacked(self) -> int:
@@ -390,6 +396,9 @@ class HostEngine(PeerEngine):
         """End the host's stream in order."""
         self._out.append(self.outbox.seal_close(reason))
 
+    def send_leave(self) -> None:
+        """A host leaving ends the session's stream; its close frame already said so."""
+
     @property
     def unacked(self) -> int:
         """Frames some participant has not acknowledged yet."""
@@ -420,13 +429,11 @@ class HostEngine(PeerEngine):
     def peer_left(self, role: str, peer_id: str, reason: str, now: float) -> None:
         """A participant went away: hold its frames for ``resume_timeout_s``.
 
-        One that had finished its stream is forgotten at once: it closed the channel.
+        Only its ``leave`` control frees them at once: having finished its own stream, a
+        participant may still be receiving ours when its connection drops.
         """
         p = self._by_peer.get(peer_id)
         if role == HOST or p is None:
-            return
-        if p.finished:
-            self._forget(p, "left")
             return
         p.present, p.left_at = False, now
         if p.inbox is not None:
@@ -511,6 +518,9 @@ class HostEngine(PeerEngine):
 
     def _after_delivery(self, p: _Participant, delivery: Delivery, now: float) -> None:
         self._deliver(delivery, p.peer_id)
+        if delivery.left:
+            self._forget(p, "left")
+            return
         if delivery.resend_requested_from is not None:  # it misses part of our stream
             self._out.extend(self.outbox.resend(delivery.resend_requested_from))
         if delivery.resend_request is not None and p.pair is not None:

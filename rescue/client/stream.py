@@ -26,6 +26,7 @@ MAX_CHUNK = MAX_PAYLOAD - TAG_SIZE - 1
 SEALED_CONTROL = 0x10
 RESEND = 0x01
 RESEND_REQUEST = 0x02
+LEAVE = 0x03
 MORE = 0x01  # data frame flag: another fragment of the same message follows
 
 _SEALED_PREFIX = bytes([SEALED_CONTROL])
@@ -64,6 +65,16 @@ class ResendRequest:
     to_peer_id: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Leave:
+    """Sealed control ``0x03``: the sender is gone for good; hold nothing back for it."""
+
+
+def encode_leave() -> bytes:
+    """The body of a ``leave`` control."""
+    return bytes([LEAVE])
+
+
 def _str8(text: str) -> bytes:
     raw = text.encode()
     if len(raw) > 0xFF:
@@ -86,8 +97,10 @@ def encode_resend_request(from_seq: int, to_peer_id: str | None = None) -> bytes
     return body if to_peer_id is None else body + _str8(to_peer_id)
 
 
-def parse_control_body(body: bytes) -> Resend | ResendRequest:
+def parse_control_body(body: bytes) -> Resend | ResendRequest | Leave:
     """Decode an opened sealed-control body; IntegrityError for anything malformed."""
+    if body == bytes([LEAVE]):
+        return Leave()
     if len(body) == _RESEND_BODY.size and body[0] == RESEND:
         _, first, last = _RESEND_BODY.unpack(body)
         if 1 <= first <= last:
@@ -293,6 +306,7 @@ class Delivery:
     closed: str | None = None
     resend_request: bytes | None = None
     resend_requested_from: int | None = None
+    left: bool = False
 
 
 class Inbox:
@@ -421,7 +435,8 @@ class Inbox:
         """Handle a sealed control frame of this sender, opened with the stream cipher.
 
         A ``resend`` opens the duplicate window and gives an empty Delivery; a
-        ``resend_request`` gives ``Delivery(resend_requested_from=...)``. IntegrityError if it
+        ``resend_request`` gives ``Delivery(resend_requested_from=...)``, a ``leave``
+        ``Delivery(left=True)``. IntegrityError if it
         does not authenticate, ReplayError for a control seq not above the last one, GapError
         for a resend starting past ``expected`` while not recovering.
         """
@@ -431,6 +446,8 @@ class Inbox:
         self._last_control_seq = seq
         if isinstance(control, ResendRequest):
             return Delivery(resend_requested_from=control.from_seq)
+        if isinstance(control, Leave):
+            return Delivery(left=True)
         if control.from_seq > self.expected and not self._recovering:
             raise GapError(f"frames lost between {self.expected} and {control.from_seq - 1}")
         self._window = (control.from_seq, control.to_seq)

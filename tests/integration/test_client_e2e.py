@@ -245,3 +245,24 @@ async def test_a_large_transfer_arrives_intact(relay: RelayProcess) -> None:
                 size += len(data)
         await producer
     assert size == total and got.digest() == sent.digest()
+
+
+async def test_a_participant_that_closes_is_forgotten_by_the_host(
+        relay: RelayProcess) -> None:
+    session = sid()
+    events: list[ChannelEvent] = []
+    host = connect(ws_url(relay), session_id=session, role="host", psk=PSK,
+                   token=relay.mint(session), on_event=events.append)
+    async with host:
+        leaving = channel(relay, session, "participant")
+        await leaving.start()
+        await host.wait_ready()
+        assert host.counterparts == [leaving.peer_id]
+        await leaving.send(b"bye soon")
+        assert (await host.receive()).data == b"bye soon"
+        await leaving.close()
+        async with asyncio.timeout(WAIT_S):
+            while not any(e.name == "peer.left" for e in events):
+                await asyncio.sleep(0.01)  # polling the event list
+        assert host.counterparts == []
+        assert not host.ready
