@@ -42,6 +42,7 @@ class RejectReason(enum.IntEnum):
 
     NO_COMMON_SUITE = 1
     BAD_CONFIRM = 2
+    FORGOTTEN = 3  # the host no longer holds keys for this participant: handshake again
 
 
 SUITES_ALL: frozenset[Suite] = frozenset(Suite)
@@ -412,6 +413,9 @@ class ParticipantHandshake:
         if reject.reason == RejectReason.NO_COMMON_SUITE:
             offered = ", ".join(sorted(suite.name for suite in self.suites))
             return NegotiationError(f"no common cipher suite: the host supports none of {offered}")
+        if reject.reason == RejectReason.FORGOTTEN:
+            return HandshakeError("the host forgot this participant (away longer than its "
+                                  "resume timeout)")
         return WrongPskError(WRONG_PSK)
 
 

@@ -269,8 +269,27 @@ class ParticipantEngine(PeerEngine):
         if isinstance(message, Accept) and message.to_peer_id == self.peer_id:
             self._on_accept(message)
         elif (isinstance(message, Reject) and message.to_peer_id == self.peer_id
+              and message.reason == RejectReason.FORGOTTEN):
+            self._on_forgotten()
+        elif (isinstance(message, Reject) and message.to_peer_id == self.peer_id
               and self._handshake is not None):
             raise self._handshake.on_reject(message)
+
+    def _on_forgotten(self) -> None:
+        """The host dropped our keys (we were away too long): start over, or fail on loss."""
+        link = self.link
+        if link is None:
+            return
+        if link.outbox.buffered_frames:
+            raise ChannelError(
+                f"the host forgot this participant after it was away longer than the host's "
+                f"resume timeout; {link.outbox.buffered_frames} frames it never acknowledged "
+                f"are lost")
+        self.link, self._offer = None, None
+        self._handshake = ParticipantHandshake(self.session_id, self.peer_id, self.psk,
+                                               self.suites)
+        self._offer = self._handshake.offer().encode()
+        self._out.append(encode_frame(Kind.CONTROL, 0, self._offer))
 
     def _on_accept(self, accept: Accept) -> None:
         if self._handshake is None or self._host_peer_id is None:
@@ -405,9 +424,15 @@ class HostEngine(PeerEngine):
         return self.outbox.buffered_frames
 
     def connected(self, now: float) -> None:
-        """Our own new connection: every participant's frames may have been lost meanwhile."""
+        """Our own new connection: every participant's frames may have been lost meanwhile.
+
+        Each is held for ``resume_timeout_s`` from now unless its ``peer_joined`` follows: one
+        that left while we were away sends no ``peer_left`` we could hear.
+        """
         for p in self._by_peer.values():
             p.present = False
+            if p.left_at is None:
+                p.left_at = now
             if p.inbox is not None:
                 p.inbox.start_recovering()
 
@@ -502,8 +527,12 @@ class HostEngine(PeerEngine):
 
     def _on_confirm(self, confirm: Confirm) -> None:
         p = self._by_peer.get(confirm.peer_id)
-        if p is None or p.pair is not None:
-            return  # unknown, or a repeated confirm after a reconnect
+        if p is None:  # keys we forgot (or never had): tell it to handshake again
+            reject = Reject(confirm.peer_id, RejectReason.FORGOTTEN)
+            self._out.append(encode_frame(Kind.CONTROL, 0, reject.encode()))
+            return
+        if p.pair is not None:
+            return  # a repeated confirm after a reconnect
         try:
             pair = self._handshake.on_confirm(confirm)
         except HandshakeError as e:

@@ -27,6 +27,7 @@ from rescue.client.errors import (
 )
 from rescue.client.grants import StaticToken
 from rescue.client.peering import StreamLimits
+from tests.support.observe import wait_until
 from tests.support.relay import RelayProcess
 from tests.support.tamper import TamperingRelay, TamperPlan
 
@@ -261,8 +262,9 @@ async def test_a_participant_that_closes_is_forgotten_by_the_host(
         await leaving.send(b"bye soon")
         assert (await host.receive()).data == b"bye soon"
         await leaving.close()
-        async with asyncio.timeout(WAIT_S):
-            while not any(e.name == "peer.left" for e in events):
-                await asyncio.sleep(0.01)  # polling the event list
+        async def left() -> bool:
+            return any(e.name == "peer.left" for e in events)
+
+        await wait_until(left, "the host forgets the participant", WAIT_S)
         assert host.counterparts == []
         assert not host.ready

@@ -19,6 +19,7 @@ from typing import Any
 from rescue.client.channel import Channel, ChannelOptions, connect
 from rescue.client.peering import StreamLimits
 from rescue.ring import Ring
+from tests.support.observe import wait_until
 from tests.support.processes import wait_for_workers
 from tests.support.relay import RelayProcess
 
@@ -81,10 +82,12 @@ class Stream:
 
 
 async def until(predicate: Callable[[], bool], what: str, within_s: float = 60.0) -> None:
-    async with asyncio.timeout(within_s):
-        while not predicate():
-            await asyncio.sleep(0.02)  # polling a counter, not synchronising on time
-    del what
+    """Poll ``predicate`` (a counter of the transfer or the channels) until it holds."""
+
+    async def check() -> bool:
+        return predicate()
+
+    await wait_until(check, what, within_s)
 
 
 async def test_fifty_mib_survive_two_worker_kills_and_a_reload(relay_factory: Any) -> None:

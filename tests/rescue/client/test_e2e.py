@@ -236,7 +236,7 @@ MALFORMED = {
     "accept short wrapped": VALID["accept"][:-1],
     "confirm long mac": VALID["confirm"] + b"\x00",
     "confirm bad utf-8": b"\x03\x01\xff" + bytes(32),
-    "reject unknown reason": b"\x04\x01p\x03",
+    "reject unknown reason": b"\x04\x01p\x09",
     "reject no reason": b"\x04\x01p",
     "peer id over 128 bytes": b"\x04\x81" + b"p" * 129 + b"\x01",
 }
