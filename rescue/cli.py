@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rescue import __version__
 from rescue.config import Config, ConfigError, add_arguments, load_config, reference_markdown
@@ -84,6 +86,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_SECRET_SETTINGS = frozenset({"admin_key", "metrics_key", "service_keys"})
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@/\s]+@")
+
+
+def printable_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with credentials replaced: the API keys, and passwords inside URLs."""
+    out: dict[str, Any] = {}
+    for name, value in settings.items():
+        if name in _SECRET_SETTINGS and value:
+            out[name] = "[redacted]"
+        elif isinstance(value, str):
+            out[name] = _URL_PASSWORD.sub(r"\1[redacted]@", value)
+        else:
+            out[name] = value
+    return out
+
+
 def _dev_key_dir(config: Config) -> Path:
     return config.resolved_state_dir() / "keys"
 
@@ -144,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         import msgspec
 
-        sys.stdout.write(msgspec.json.format(msgspec.json.encode(config)).decode() + "\n")
+        shown = printable_settings(msgspec.to_builtins(config))
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(shown)).decode() + "\n")
         return 0
     except ConfigError as e:
         print(f"beach-rescue: {e}", file=sys.stderr)

@@ -181,8 +181,9 @@ class Channel:
     async def start(self) -> None:
         """Connect for the first time; raise what stops the first connection for good.
 
-        Transient failures (refused with 503, connection errors) are retried with backoff
-        until ``give_up_after_s``; then :class:`ReconnectFailed` is raised.
+        Transient failures (a 429 or 5xx from the relay or the token source's control
+        plane, connection errors) are retried with backoff until ``give_up_after_s``;
+        then :class:`ReconnectFailed` is raised.
         """
         if self._task is not None:
             return
@@ -314,29 +315,40 @@ class Channel:
 
     # --- the connection loop ---------------------------------------------------------------------
 
+    @property
+    def _renewable(self) -> bool:
+        return not isinstance(self._tokens, StaticToken)
+
     async def _run(self) -> None:
         backoff = Backoff(self.options.backoff)
         fresh, floor_s = False, 0.0
+        cause: BaseException
         while not self._closing:
             loop_now = time.monotonic()
             try:
                 grant = await self._tokens.grant(fresh=fresh)
                 ws, hello = await self._connect(grant.relay_url, grant.token)
-            except (FallbackPaused, ControlPlaneError, TokenExpired) as e:
+            except (FallbackPaused, TokenExpired) as e:
                 await self._fail(e)
                 return
+            except ControlPlaneError as e:  # 429/5xx (e.g. its store is down): retry
+                if e.status not in _RETRYABLE_STATUS:
+                    await self._fail(e)
+                    return
+                floor_s = e.retry_after_s or 0.0
+                cause = e
             except RelayRefused as e:
-                if e.error == "token_expired" and not fresh \
-                        and not isinstance(self._tokens, StaticToken):
+                if e.error == "token_expired" and not fresh and self._renewable:
                     fresh = True
                     continue
                 if e.status not in _RETRYABLE_STATUS:
                     await self._fail(_refusal_error(e))
                     return
                 floor_s = e.retry_after_s or 0.0
-                cause: BaseException = e
+                cause = e
             except (OSError, aiohttp.ClientError, TimeoutError, HelloError) as e:
                 cause = e
+                fresh = self._renewable  # the node may be gone: ask where to go now
             else:
                 fresh = False
                 backoff.succeeded()
@@ -344,13 +356,17 @@ class Channel:
                 if self._closing or self._failure is not None:
                     return
                 error = self._judge(ending)
-                if isinstance(error, TokenExpired) and not isinstance(self._tokens, StaticToken):
+                if isinstance(error, TokenExpired) and self._renewable:
                     fresh, error = True, None
                 if error is not None:
                     await self._fail(error)
                     return
                 floor_s = (ending.draining_ms or 0) / 1000
                 cause = ChannelError(f"connection ended: {ending.code} {ending.reason}")
+                # A node that drains or goes away may not take us back: with control-plane
+                # routing a fresh grant names the node to use now.
+                moved = ending.draining_ms is not None or ending.code == CloseCode.GOING_AWAY
+                fresh = fresh or (moved and self._renewable)
                 loop_now = time.monotonic()
             backoff.lost(loop_now)
             delay = backoff.next_delay(time.monotonic(), at_least_s=floor_s)

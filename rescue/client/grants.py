@@ -42,11 +42,13 @@ class TokenSource(Protocol):
 class ControlPlaneError(ChannelError):
     """The control plane refused to issue a token (status and its JSON error code)."""
 
-    def __init__(self, status: int, error: str, detail: str) -> None:
+    def __init__(self, status: int, error: str, detail: str,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(f"control plane refused a token: {status} {error}: {detail}")
         self.status = status
         self.error = error
         self.detail = detail
+        self.retry_after_s = retry_after_s  # the answer's Retry-After, if it had one
 
 
 class StaticToken:
@@ -106,7 +108,9 @@ class ControlPlaneTokens:
                     detail = str(body.get("detail", resp.reason or ""))
                     if resp.status == 403 and error == "fallback_paused":
                         raise FallbackPaused(4008, "fallback_paused")
-                    raise ControlPlaneError(resp.status, error, detail)
+                    retry = resp.headers.get("Retry-After", "")
+                    raise ControlPlaneError(resp.status, error, detail,
+                                            float(retry) if retry.isdigit() else None)
         finally:
             if self._http is None:
                 await http.close()
