@@ -173,6 +173,31 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
         "Token requests one service key may make per second (burst of twice that).",
         gt=0)] = 200.0
 
+    # --- several nodes (registry, routing, load balancer) ----------------------------------
+    node_id: Annotated[str, _m(
+        "This node's name in the node registry; empty: `<hostname>:<port>`.")] = ""
+    node_url: Annotated[str, _m(
+        "Public WebSocket URL of this node, handed out by control-plane routing (e.g. "
+        "`wss://relay-3.example.net/ws`); empty: `ws://<host>:<port>/ws`.")] = ""
+    registry_redis_url: Annotated[str, _m(
+        "Redis of the node registry (`redis://host:port/db`). A relay node registers "
+        "itself there (URL, state, load, with a TTL); a control plane picks each token's "
+        "`relay_url` among the active nodes by rendezvous hash of the session. Empty: no "
+        "registry.")] = ""
+    registry_ttl_s: Annotated[float, _m(
+        "A node's registry entry expires this long after its last refresh (every worker "
+        "refreshes it every third of this), so a dead node leaves the active set within "
+        "it.", ge=1, le=300)] = 10.0
+    drain_notice_s: Annotated[float, _m(
+        "When the node stops (SIGTERM), how long it reports not-ready (`/readyz` 503, "
+        "registry `draining`, new upgrades 503) while still accepting, before its peers "
+        "are told to reconnect; set it above the balancer's time to mark a node down. "
+        "Counts against `drain_timeout_s`; 0: drain at once.", ge=0, le=600)] = 0.0
+    proxy_protocol: Annotated[bool, _m(
+        "Require a PROXY protocol header (v1 or v2, as HAProxy's `send-proxy-v2` sends) "
+        "before each connection's request on the public port, and take the client "
+        "address from it; connections without one are refused.")] = False
+
     # --- operations --------------------------------------------------------------------
     drain_timeout_s: Annotated[float, _m(
         "Deadline for a worker's drain (SIGTERM, or the old generation on SIGHUP); peers "

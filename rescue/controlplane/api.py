@@ -23,6 +23,8 @@ from aiohttp import web
 
 from rescue import metrics, tracing
 from rescue.admission import bearer_matches, bearer_token
+from rescue.cluster.directory import NodeDirectory
+from rescue.cluster.registry import RegistryUnavailable
 from rescue.config import Config
 from rescue.controlplane.entitlement import EntitlementError, EntitlementVerifier
 from rescue.controlplane.guardrail import BreachLog, GuardrailState, evaluate
@@ -133,8 +135,10 @@ class ControlPlane:
 
     def __init__(self, config: Config, store: Store, signing_key: SigningKey,
                  entitlement: EntitlementVerifier | None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, *,
+                 directory: NodeDirectory | None = None) -> None:
         self.config = config
+        self.directory = directory
         self.store = store
         self.signing_key = signing_key
         self.entitlement = entitlement
@@ -217,6 +221,11 @@ class ControlPlane:
                 if e.missing:
                     return self._refuse(403, "entitlement_missing", e.detail)
                 return self._refuse(401, "entitlement_invalid", e.detail)
+        relay_url = await self._relay_url(body.session_id, trace)
+        if relay_url is None:
+            return self._refuse(503, "store_unavailable", "no relay node is registered as "
+                                "active, or the node registry is unreachable",
+                                retry_after_s=5)
         guardrail: dict[str, Any]
         try:
             fallback, total = await self.store.count_fallback(body.cohort_id, now)
@@ -250,7 +259,29 @@ class ControlPlane:
             "soft_breach" if guardrail["soft_breach"] else "ok").inc()
         return web.json_response({
             "token": token, "expires_at": rfc3339(int(now) + ttl), "cohort": body.cohort_id,
-            "relay_url": self.relay_url, "guardrail": guardrail})
+            "relay_url": relay_url, "guardrail": guardrail})
+
+    async def _relay_url(self, session_id: str, trace: tracing.Span) -> str | None:
+        """The node URL for ``session_id``: with a node registry, the active node that
+        owns the session (rendezvous hash, as the workers route to slots); without one,
+        the configured ``relay_url``. None when the registry has no answer."""
+        if self.directory is None:
+            return self.relay_url
+        try:
+            node = await self.directory.owner(session_id)
+        except RegistryUnavailable as e:
+            log_event(log, "registry.unavailable", level=logging.WARNING, detail=str(e))
+            return None
+        if node is None:
+            log_event(log, "registry.no_active_node", level=logging.WARNING)
+            return None
+        trace.set_attribute("relay_node", node.node_id)
+        return node.url
+
+    async def close(self) -> None:
+        """Release the node directory's connections (the store is closed by its owner)."""
+        if self.directory is not None:
+            await self.directory.close()
 
     def _note_breach(self, cohort: str, state: GuardrailState, now: float) -> None:
         if state.soft_breach and self.breaches.first(cohort, now):

@@ -17,6 +17,8 @@ import uvloop
 from aiohttp import web
 
 from rescue import keys, tracing
+from rescue.cluster.directory import NodeDirectory
+from rescue.cluster.redis_registry import RedisRegistry
 from rescue.config import Config, ConfigError
 from rescue.controlplane.api import ControlPlane
 from rescue.controlplane.entitlement import EntitlementVerifier, load_jwks
@@ -61,9 +63,20 @@ def check(config: Config) -> None:
         raise ConfigError(f"entitlement_jwks: {e}") from None
 
 
+def node_directory(config: Config) -> NodeDirectory | None:
+    """The node registry's view for ``relay_url`` choice when ``registry_redis_url`` is
+    set, else None (every token gets the configured ``relay_url``); call after fork."""
+    if not config.registry_redis_url:
+        return None
+    return NodeDirectory(RedisRegistry(config.registry_redis_url,
+                                       timeout_s=config.redis_timeout_s),
+                         ttl_s=config.registry_ttl_s)
+
+
 def build(config: Config, store: Store, port: int | None = None) -> ControlPlane:
     """A ready :class:`ControlPlane` over ``store``; ``port`` is the relay's bound port."""
-    api = ControlPlane(config, store, signing_key(config), entitlement_verifier(config))
+    api = ControlPlane(config, store, signing_key(config), entitlement_verifier(config),
+                       directory=node_directory(config))
     if not config.relay_url and port is not None:
         api.relay_url = f"ws://{config.host}:{port}/ws"
     return api
@@ -87,7 +100,8 @@ async def _run_standalone(config: Config) -> int:
     await site.start()
     port = runner.addresses[0][1] if runner.addresses else config.port
     log_event(log, "control_plane.listening", host=config.host, port=port,
-              store="redis" if config.redis_url else "memory")
+              store="redis" if config.redis_url else "memory",
+              relay_routing="registry" if api.directory is not None else "static")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -95,6 +109,7 @@ async def _run_standalone(config: Config) -> int:
     await stop.wait()
     await runner.cleanup()
     await store.close()
+    await api.close()
     return 0
 
 

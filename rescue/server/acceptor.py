@@ -27,6 +27,7 @@ import msgspec
 
 from rescue.logs import log_event
 from rescue.peek import MAX_REQUEST_LINE, Route, route_request
+from rescue.proxy_protocol import MAX_HEADER_LENGTH, ProxyHeaderError, parse_proxy_header
 from rescue.ring import Ring
 
 log = logging.getLogger("rescue.acceptor")
@@ -56,6 +57,8 @@ class IntakeStats:
     handoffs_expired: int = 0
     peek_timeouts: int = 0
     accept_errors: int = 0
+    proxy_headers: int = 0
+    proxy_refused: int = 0
 
 
 def refuse_raw(conn: socket.socket, status: str, error: str, detail: str,
@@ -85,8 +88,11 @@ class Acceptor:
     def __init__(self, *, slot: int, ring: Ring[int], listener: socket.socket,
                  inbox: socket.socket | None, outboxes: Mapping[int, socket.socket],
                  serve: Callable[[socket.socket, float], None], peek_timeout_s: float,
-                 hold_s: float, control_slot: int | None = None) -> None:
+                 hold_s: float, control_slot: int | None = None,
+                 proxy_protocol: bool = False) -> None:
         self.slot = slot
+        self.proxy_protocol = proxy_protocol
+        self.peek_size = MAX_REQUEST_LINE + (MAX_HEADER_LENGTH if proxy_protocol else 0)
         self.ring = ring
         self.listener = listener
         self.inbox = inbox
@@ -248,9 +254,16 @@ class Acceptor:
 
 
 class _Peek:
-    """Waits, without consuming, until a connection's request line is complete."""
+    """Waits, without consuming, until a connection's request line is complete.
 
-    __slots__ = ("accepted_at", "acceptor", "conn", "deadline", "delay", "timer", "watching")
+    With ``proxy_protocol`` the PROXY header in front of the request is parsed from the
+    peeked bytes and then consumed (exactly its length), so whichever worker serves the
+    connection reads the request line first; a connection whose first bytes cannot be
+    a PROXY header is answered 400 and closed.
+    """
+
+    __slots__ = ("accepted_at", "acceptor", "client", "conn", "deadline", "delay",
+                 "proxied", "timer", "watching")
 
     def __init__(self, acceptor: Acceptor, conn: socket.socket) -> None:
         self.acceptor = acceptor
@@ -260,6 +273,8 @@ class _Peek:
         self.delay = _PEEK_RETRY_FIRST_S
         self.timer: asyncio.TimerHandle | None = None
         self.watching = False
+        self.proxied = not acceptor.proxy_protocol  # no header expected, or consumed
+        self.client: tuple[str, int] | None = None
 
     def attempt(self) -> None:
         loop = self.acceptor._loop
@@ -270,7 +285,7 @@ class _Peek:
             loop.remove_reader(self.conn.fileno())
             self.watching = False
         try:
-            data = self.conn.recv(MAX_REQUEST_LINE, socket.MSG_PEEK)
+            data = self.conn.recv(self.acceptor.peek_size, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             data = None
         except OSError:
@@ -279,6 +294,12 @@ class _Peek:
         if data == b"":
             self._finish_closed()
             return
+        if data is not None and not self.proxied:
+            data = self._strip_proxy_header(data)
+            if data == b"":
+                return  # refused and closed, or waiting for the rest of the header
+        if data is not None and len(data) > MAX_REQUEST_LINE:
+            data = data[:MAX_REQUEST_LINE]
         if data is None:
             # Nothing yet: wake on the first byte (or the deadline).
             loop.add_reader(self.conn.fileno(), self.attempt)
@@ -299,6 +320,43 @@ class _Peek:
         self.acceptor.route(self.conn,
                             result.session if result.route is Route.SESSION else None,
                             self.accepted_at, control=result.route is Route.CONTROL)
+
+    def _strip_proxy_header(self, data: bytes) -> bytes | None:
+        """Parse and consume the PROXY header at the start of ``data``; return the bytes
+        after it (None if there are none yet), or b"" when this attempt is over (the
+        connection was refused, or the header is incomplete and a retry is scheduled)."""
+        acceptor = self.acceptor
+        try:
+            header = parse_proxy_header(data)
+        except ProxyHeaderError as e:
+            acceptor.stats.proxy_refused += 1
+            log_event(log, "proxy.refused", level=logging.DEBUG, detail=str(e))
+            self._done()
+            refuse_raw(self.conn, "400 Bad Request", "bad_request",
+                       "a PROXY protocol header is required before the request", 1)
+            return b""
+        if header is None:
+            if acceptor._loop.time() >= self.deadline:
+                self._expire()
+            else:
+                self.timer = acceptor._loop.call_later(self.delay, self.attempt)
+                self.delay = min(self.delay * 2, _PEEK_RETRY_MAX_S)
+            return b""
+        try:
+            consumed = self.conn.recv(header.length)  # queued already: returns it whole
+        except OSError:
+            consumed = b""
+        if len(consumed) != header.length:
+            self._finish_closed()
+            return b""
+        self.proxied = True
+        self.client = header.source
+        acceptor.stats.proxy_headers += 1
+        log_event(log, "connection.proxied", level=logging.DEBUG, slot=acceptor.slot,
+                  version=header.version,
+                  client=None if header.source is None else
+                  f"{header.source[0]}:{header.source[1]}")
+        return data[header.length:] or None
 
     def _expire(self) -> None:
         if self.watching:

@@ -26,6 +26,8 @@ import uvloop
 from aiohttp import web
 
 from rescue import control, metrics, tracing
+from rescue.cluster.departure import newer_generation_running, worker_title
+from rescue.cluster.registration import Registration, registration_for
 from rescue.codes import CloseCode
 from rescue.config import Config
 from rescue.controlplane import service as controlplane
@@ -156,8 +158,38 @@ def _watch_gc_pauses(threshold_s: float = 0.05) -> None:
     gc.callbacks.append(callback)
 
 
+async def _leave_and_drain(relay: Relay, acceptor: Acceptor, channel: ControlChannel,
+                           config: Config, message: control.Drain | None, *, leaving: bool,
+                           registration: Registration | None) -> bool:
+    """Drain this worker; when the node is ``leaving`` (a stop, not a reload) first say so.
+
+    Leaving: ``/readyz`` answers 503 and new upgrades 503 ``draining`` at once, the
+    registry record turns ``draining`` (awaited, so no peer is told to move before the
+    registry says where not to go), and intake stays open for ``drain_notice_s`` so the
+    balancer's checks see the 503 and stop routing here. Then intake stops and the peers
+    are told to reconnect at the drainer's pace; the notice counts against the deadline.
+    """
+    window = message.window_s if message else config.drain_window_s
+    deadline_s = message.deadline_s if message else config.drain_timeout_s
+    window = min(window, deadline_s)
+    notice_s = min(config.drain_notice_s, deadline_s - window) if leaving else 0.0
+    if leaving:
+        relay.draining = True
+        if registration is not None:
+            await registration.leave()
+        if notice_s > 0:
+            log_event(log, "drain.notice", notice_s=notice_s)
+            await asyncio.sleep(notice_s)
+    acceptor.stop()
+    channel.send(control.IntakeStopped())
+    return await drain_peers(relay, Drainer(
+        window_s=window, deadline_s=deadline_s - notice_s,
+        spread_ms=config.drain_reconnect_spread_ms))
+
+
 async def _obey(channel: ControlChannel, acceptor: Acceptor, relay: Relay,
-                config: Config) -> None:
+                config: Config, *, registration: Registration | None = None,
+                generation: int = 1) -> None:
     """Follow the supervisor's orders until the worker must exit.
 
     A drain runs as a task so that a Stop (a second TERM, or INT) still gets through.
@@ -177,13 +209,16 @@ async def _obey(channel: ControlChannel, acceptor: Acceptor, relay: Relay,
         elif isinstance(message, control.Cluster):
             relay.cluster = message.workers
         elif (isinstance(message, control.Drain) or message is None) and draining is None:
-            acceptor.stop()
-            channel.send(control.IntakeStopped())
-            window = message.window_s if message else config.drain_window_s
-            deadline_s = message.deadline_s if message else config.drain_timeout_s
-            draining = asyncio.get_running_loop().create_task(drain_peers(relay, Drainer(
-                window_s=min(window, deadline_s), deadline_s=deadline_s,
-                spread_ms=config.drain_reconnect_spread_ms)))
+            # A reload leaves the node in the cluster (its new generation serves); a stop,
+            # or a supervisor gone, takes it out. Only worth asking when it matters.
+            cluster_aware = registration is not None or config.drain_notice_s > 0
+            leaving = message is None or (cluster_aware
+                                          and not newer_generation_running(generation))
+            if not leaving:
+                acceptor.stop()  # at once: the new generation takes the listeners over
+            draining = asyncio.get_running_loop().create_task(_leave_and_drain(
+                relay, acceptor, channel, config, message, leaving=leaving,
+                registration=registration))
         elif isinstance(message, control.Stop):
             if draining is not None:
                 draining.cancel()
@@ -214,7 +249,7 @@ def _serve_socket(relay: Relay, deadline: HeaderDeadline, factory: Callable[[], 
     return serve
 
 
-async def run_worker(config: Config, sockets: WorkerSockets) -> int:
+async def run_worker(config: Config, sockets: WorkerSockets, generation: int = 1) -> int:
     """Serve as the worker of ``sockets.slot`` until drained or stopped; return exit status."""
     loop = asyncio.get_running_loop()
     channel = ControlChannel(sockets.control)
@@ -241,7 +276,8 @@ async def run_worker(config: Config, sockets: WorkerSockets) -> int:
                         serve=_serve_socket(relay, deadline, runner.server,
                                             config.handshake_timeout_s),
                         peek_timeout_s=config.handshake_timeout_s,
-                        hold_s=config.handoff_hold_s, control_slot=control_slot)
+                        hold_s=config.handoff_hold_s, control_slot=control_slot,
+                        proxy_protocol=config.proxy_protocol)
     relay.intake = acceptor.stats
     admin_runner = None
     if sockets.admin is not None:
@@ -256,6 +292,8 @@ async def run_worker(config: Config, sockets: WorkerSockets) -> int:
     pause_watch = loop.create_task(watch_pause(relay, pause_cache, config.pause_poll_s))
 
     export = WorkerExport(relay)
+    registration = registration_for(config, sockets.listener.getsockname()[1], generation,
+                                    lambda: (relay.connections, len(relay.registry)))
 
     def beat() -> None:
         channel.send(control.Beat(stats=relay.beat_stats()))
@@ -281,8 +319,11 @@ async def run_worker(config: Config, sockets: WorkerSockets) -> int:
     gen0, gen1, _ = gc.get_threshold()
     gc.set_threshold(gen0, gen1, 100)
     _watch_gc_pauses()
+    if registration is not None:  # listed before ready: a reload never unlists the node
+        await registration.begin()
     channel.send(control.Ready())
-    await _obey(channel, acceptor, relay, config)
+    await _obey(channel, acceptor, relay, config, registration=registration,
+                generation=generation)
     beat()  # the last numbers, so nothing counted since the previous beat is lost
     for task in (beater, sweeper, pause_watch):
         task.cancel()
@@ -295,13 +336,18 @@ async def run_worker(config: Config, sockets: WorkerSockets) -> int:
     await runner.cleanup()
     if store is not None:
         await store.close()
+    if api is not None:
+        await api.close()
+    if registration is not None:  # last: the node stays listed while anything is open
+        await registration.withdraw()
+        await registration.registry.close()
     log_event(log, "worker.exiting", slot=slot)
     return 0
 
 
 def worker_main(config: Config, sockets: WorkerSockets, generation: int) -> int:
     """The body of a forked worker process; returns the exit status for ``os._exit``."""
-    setproctitle.setproctitle(f"beach-rescue worker {sockets.slot} gen {generation}")
+    setproctitle.setproctitle(worker_title(sockets.slot, generation))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor owns Ctrl-C
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD, signal.SIGTTIN,
@@ -313,7 +359,7 @@ def worker_main(config: Config, sockets: WorkerSockets, generation: int) -> int:
         tracing.setup_tracing(config.otel_endpoint, config.otel_service_name,
                               sample_ratio=config.otel_sample_ratio,
                               resource_attributes={"beach_rescue.worker_slot": sockets.slot})
-        return uvloop.run(run_worker(config, sockets))
+        return uvloop.run(run_worker(config, sockets, generation))
     except Exception:
         log.exception("worker.crashed")
         return 1
