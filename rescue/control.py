@@ -36,10 +36,16 @@ class Serve(msgspec.Struct, tag="serve"):
 
 
 class Drain(msgspec.Struct, tag="drain"):
-    """Stop intake, tell peers to reconnect over ``window_s``, exit by ``deadline_s``."""
+    """Stop intake, tell peers to reconnect over ``window_s``, exit by ``deadline_s``.
+
+    ``final`` is set when the whole node stops (SIGTERM to the supervisor): the node then
+    leaves the cluster (registry ``draining``, ``/readyz`` 503). A reload's drain leaves it
+    in, since the new generation serves on.
+    """
 
     window_s: float
     deadline_s: float
+    final: bool = False
 
 
 class Stop(msgspec.Struct, tag="stop"):

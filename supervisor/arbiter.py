@@ -191,7 +191,7 @@ class Arbiter:
         for worker in list(self.table.workers.values()):
             if worker.state is not WorkerState.DRAINING:
                 self._send(worker, control.Drain(window_s=self.config.drain_window_s,
-                                                 deadline_s=deadline_s))
+                                                 deadline_s=deadline_s, final=True))
                 worker.state = WorkerState.DRAINING
 
     def handle_int(self) -> None:

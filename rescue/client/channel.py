@@ -320,6 +320,14 @@ class Channel:
         return not isinstance(self._tokens, StaticToken)
 
     async def _run(self) -> None:
+        try:
+            await self._connection_loop()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug: fail loudly rather than leave start() waiting
+            await self._fail(ChannelError(f"the channel's connection loop failed: {e!r}"))
+
+    async def _connection_loop(self) -> None:
         backoff = Backoff(self.options.backoff)
         fresh, floor_s = False, 0.0
         cause: BaseException
@@ -349,6 +357,9 @@ class Channel:
             except (OSError, aiohttp.ClientError, TimeoutError, HelloError) as e:
                 cause = e
                 fresh = self._renewable  # the node may be gone: ask where to go now
+            except ChannelError as e:  # no relay URL, or a fatal close before the hello
+                await self._fail(e)
+                return
             else:
                 fresh = False
                 backoff.succeeded()
@@ -416,7 +427,7 @@ class Channel:
                 code = ws.close_code
                 if code is not None and code not in RECOVERABLE_CLOSES:
                     raise closed_error(code, str(msg.extra or ""))
-                raise ChannelError(f"no server_hello: {msg.type.name} {code}")
+                raise ConnectionResetError(f"no server_hello: {msg.type.name} {code}")
             answer = parse_server_message(msg.data)
             if not isinstance(answer, ServerHello):
                 raise HelloError(CloseCode.PROTOCOL_ERROR, "expected server_hello")

@@ -26,8 +26,8 @@ import uvloop
 from aiohttp import web
 
 from rescue import control, metrics, tracing
-from rescue.cluster.departure import newer_generation_running, worker_title
 from rescue.cluster.registration import Registration, registration_for
+from rescue.cluster.titles import worker_title
 from rescue.codes import CloseCode
 from rescue.config import Config
 from rescue.controlplane import service as controlplane
@@ -188,8 +188,7 @@ async def _leave_and_drain(relay: Relay, acceptor: Acceptor, channel: ControlCha
 
 
 async def _obey(channel: ControlChannel, acceptor: Acceptor, relay: Relay,
-                config: Config, *, registration: Registration | None = None,
-                generation: int = 1) -> None:
+                config: Config, *, registration: Registration | None = None) -> None:
     """Follow the supervisor's orders until the worker must exit.
 
     A drain runs as a task so that a Stop (a second TERM, or INT) still gets through.
@@ -210,10 +209,8 @@ async def _obey(channel: ControlChannel, acceptor: Acceptor, relay: Relay,
             relay.cluster = message.workers
         elif (isinstance(message, control.Drain) or message is None) and draining is None:
             # A reload leaves the node in the cluster (its new generation serves); a stop,
-            # or a supervisor gone, takes it out. Only worth asking when it matters.
-            cluster_aware = registration is not None or config.drain_notice_s > 0
-            leaving = message is None or (cluster_aware
-                                          and not newer_generation_running(generation))
+            # or a supervisor gone, takes it out.
+            leaving = message is None or message.final
             if not leaving:
                 acceptor.stop()  # at once: the new generation takes the listeners over
             draining = asyncio.get_running_loop().create_task(_leave_and_drain(
@@ -322,8 +319,7 @@ async def run_worker(config: Config, sockets: WorkerSockets, generation: int = 1
     if registration is not None:  # listed before ready: a reload never unlists the node
         await registration.begin()
     channel.send(control.Ready())
-    await _obey(channel, acceptor, relay, config, registration=registration,
-                generation=generation)
+    await _obey(channel, acceptor, relay, config, registration=registration)
     beat()  # the last numbers, so nothing counted since the previous beat is lost
     for task in (beater, sweeper, pause_watch):
         task.cancel()

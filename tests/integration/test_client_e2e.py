@@ -18,6 +18,7 @@ import pytest
 from rescue.client.channel import Channel, ChannelEvent, ChannelOptions, connect
 from rescue.client.e2e import Suite
 from rescue.client.errors import (
+    ChannelError,
     FallbackPaused,
     GapError,
     IntegrityError,
@@ -268,3 +269,11 @@ async def test_a_participant_that_closes_is_forgotten_by_the_host(
         await wait_until(left, "the host forgets the participant", WAIT_S)
         assert host.counterparts == []
         assert not host.ready
+
+
+async def test_a_channel_without_a_relay_url_fails_at_start() -> None:
+    ch = connect(None, session_id=sid(), role="host", psk=PSK, token="unused")
+    with pytest.raises(ChannelError, match="no relay URL"):
+        async with asyncio.timeout(WAIT_S):
+            await ch.start()
+    assert isinstance(ch.failure, ChannelError)
