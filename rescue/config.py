@@ -151,6 +151,14 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     guardrail_hard_threshold: Annotated[float, _m(
         "Ratio at or above which the fallback pauses itself (kill switch on); 0 disables.",
         ge=0, le=1)] = 0.0
+    guardrail_hard_min_sessions: Annotated[int, _m(
+        "Sessions a cohort must have counted in the hour before its ratio can trip the "
+        "hard threshold (a cohort that reports few or no sessions cannot pause the "
+        "fallback for everyone).", ge=1)] = 100
+    guardrail_exempt_cohorts: Annotated[str, _m(
+        "Comma-separated cohorts whose tokens are issued without touching the guardrail "
+        "counters (synthetic probes); their tokens count as `exempt` in the metrics.")
+        ] = "probe"
     fallback_paused: Annotated[bool, _m(
         "Force the kill switch on, whatever the store says.")] = False
     store_fail_open: Annotated[bool, _m(

@@ -97,6 +97,8 @@ SESSIONS_COUNTED = Counter(P + "sessions_counted", "Sessions reported through /v
 SOFT_BREACHES = Counter(P + "guardrail_soft_breaches", "Cohort-hours that crossed the soft "
                         "threshold (counted once per cohort-hour and process).")
 STORE_ERRORS = Counter(P + "store_errors", "Store (Redis) operations that failed.")
+REGISTRY_ERRORS = Counter(P + "registry_errors", "Node registry (Redis) refreshes that "
+                          "failed.")
 
 _FILE_HEADER_BYTES = 8
 PAUSE_VALUES = {"off": 0, "soft": 1, "hard": 2}

@@ -36,6 +36,7 @@ from rescue.cluster.registry import (
     worker_field,
 )
 from rescue.config import Config
+from rescue import metrics
 from rescue.logs import log_event
 
 log = logging.getLogger("rescue.cluster")
@@ -105,6 +106,7 @@ class Registration:
 
     def _failed(self, error: str) -> None:
         self.failures += 1
+        metrics.REGISTRY_ERRORS.inc()
         now = self.monotonic()
         if not self.failing or now - self._last_log >= LOG_EVERY_S:
             log_event(log, "registry.publish_failed", level=logging.WARNING,

@@ -153,6 +153,8 @@ class ControlPlane:
         per_s = config.mint_rate_per_service_key_per_s
         self.service_buckets = _Buckets(per_s, per_s * 2, 1024)
         self.relay_url = config.relay_url or f"ws://{config.host}:{config.port}/ws"
+        self.exempt_cohorts = frozenset(
+            c.strip() for c in config.guardrail_exempt_cohorts.split(",") if c.strip())
 
     # --- helpers ---------------------------------------------------------------------
     def _refuse(self, status: int, error: str, detail: str,
@@ -227,6 +229,9 @@ class ControlPlane:
                                 "active, or the node registry is unreachable",
                                 retry_after_s=5)
         guardrail: dict[str, Any]
+        if body.cohort_id in self.exempt_cohorts:
+            guardrail = {"ratio": None, "soft_breach": False, "exempt": True}
+            return self._issue(body, now, relay_url, guardrail, trace)
         try:
             fallback, total = await self.store.count_fallback(body.cohort_id, now)
         except StoreUnavailable as e:
@@ -238,11 +243,20 @@ class ControlPlane:
             guardrail = {"ratio": None, "soft_breach": False, "uncounted": True}
         else:
             state = evaluate(fallback, total, threshold=self.config.guardrail_threshold,
-                             hard_threshold=self.config.guardrail_hard_threshold)
+                             hard_threshold=self.config.guardrail_hard_threshold,
+                             hard_min_sessions=self.config.guardrail_hard_min_sessions)
             if state.hard_breach:
                 return await self._auto_pause(body.cohort_id, state)
             self._note_breach(body.cohort_id, state, now)
             guardrail = {"ratio": round(state.ratio, 6), "soft_breach": state.soft_breach}
+        return self._issue(body, now, relay_url, guardrail, trace)
+
+    def _issue(self, body: TokenRequest, now: float, relay_url: str,
+               guardrail: dict[str, Any], trace: tracing.Span) -> web.Response:
+        """Mint the token and answer with it, counting it under its guardrail state."""
+        state = ("exempt" if guardrail.get("exempt") else
+                 "uncounted" if guardrail.get("uncounted") else
+                 "soft_breach" if guardrail["soft_breach"] else "ok")
         caps = [CAP_FALLBACK_WS] + ([CAP_TELEMETRY] if body.telemetry_opt_in else [])
         ttl = self.config.token_ttl_s
         token = mint_token(self.signing_key, session_id=body.session_id, now=now,
@@ -251,12 +265,9 @@ class ControlPlane:
                            audience=self.config.token_audience)
         trace.set_attribute("ttl_s", ttl)
         trace.set_attribute("telemetry", body.telemetry_opt_in)
-        trace.set_attribute("guardrail", "uncounted" if guardrail.get("uncounted") else
-                            "soft_breach" if guardrail["soft_breach"] else "ok")
+        trace.set_attribute("guardrail", state)
         metrics.TOKEN_REQUESTS.labels("issued").inc()
-        metrics.TOKENS_ISSUED.labels(
-            "uncounted" if guardrail.get("uncounted") else
-            "soft_breach" if guardrail["soft_breach"] else "ok").inc()
+        metrics.TOKENS_ISSUED.labels(state).inc()
         return web.json_response({
             "token": token, "expires_at": rfc3339(int(now) + ttl), "cohort": body.cohort_id,
             "relay_url": relay_url, "guardrail": guardrail})

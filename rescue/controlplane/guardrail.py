@@ -44,17 +44,20 @@ class GuardrailState:
 
 
 def evaluate(fallback: int, total: int, *, threshold: float,
-             hard_threshold: float = 0.0) -> GuardrailState:
+             hard_threshold: float = 0.0, hard_min_sessions: int = 1) -> GuardrailState:
     """Decide the guardrail state from this hour's counts (``fallback`` includes this token).
 
     With no session counted yet the ratio is that of one session (every fallback is a
-    fallback of at least one session), so a cohort that never reports sessions breaches.
+    fallback of at least one session), so a cohort that never reports sessions breaches
+    softly. A hard breach needs at least ``hard_min_sessions`` sessions counted: a small
+    or silent cohort must not switch the fallback off for everyone.
     """
     ratio = fallback / max(total, 1)
     return GuardrailState(
         ratio=ratio,
         soft_breach=ratio >= threshold,
-        hard_breach=hard_threshold > 0 and ratio >= hard_threshold,
+        hard_breach=(hard_threshold > 0 and total >= hard_min_sessions
+                     and ratio >= hard_threshold),
         fallback=fallback, total=total)
 
 

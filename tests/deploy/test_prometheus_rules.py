@@ -95,7 +95,7 @@ def test_rules_reference_only_metrics_the_relay_exposes() -> None:
 def test_thresholds_are_those_of_the_issue() -> None:
     defined = alerts()
     activation = defined["FallbackActivationHigh"]["expr"]
-    assert "beach_rescue_fallback_tokens_issued_total[1h]" in activation
+    assert "beach_rescue_fallback_tokens_issued_total{guardrail!=\"exempt\"}[1h]" in activation
     assert "beach_rescue_sessions_counted_total[1h]" in activation
     assert activation.rstrip().endswith("> 0.005")
     assert "[5m]" in defined["ConnectionChurnHigh"]["expr"]

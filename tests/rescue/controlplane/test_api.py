@@ -379,7 +379,12 @@ async def test_guardrail_with_no_session_counted_is_a_breach(
 async def test_hard_threshold_pauses_the_fallback_by_itself(
         relay_factory: RelayFactory, key_dir: Path, http: aiohttp.ClientSession) -> None:
     relay = relay_factory(**control_settings(key_dir, guardrail_threshold=0.1,
-                                             guardrail_hard_threshold=0.5))
+                                             guardrail_hard_threshold=0.5,
+                                             guardrail_hard_min_sessions=4))
+    # A cohort below the minimum sample cannot trip the hard threshold (it breaches softly).
+    status, _, body = await call(http, relay, "/fallback/token",
+                                 {"session_id": "tiny-1", "cohort_id": "tiny"})
+    assert status == 200 and body["guardrail"]["soft_breach"] is True, body
     assert await count_sessions(http, relay, "hard", 4) == 4
     status, _, body = await call(http, relay, "/fallback/token",
                                  {"session_id": "hard-1", "cohort_id": "hard"})
@@ -625,3 +630,17 @@ async def test_redis_backed_api_counts_in_redis_and_reads_its_switch(
         await wait_until(lambda: upgrade_refused_paused(http, relay), "upgrades refused")
     finally:
         await raw.aclose()
+
+
+async def test_exempt_cohorts_get_tokens_without_touching_the_guardrail(
+        relay_factory: RelayFactory, key_dir: Path, http: aiohttp.ClientSession) -> None:
+    relay = relay_factory(**control_settings(key_dir, guardrail_threshold=0.1,
+                                             guardrail_hard_threshold=0.5,
+                                             guardrail_hard_min_sessions=1))
+    for n in range(3):
+        status, _, body = await call(http, relay, "/fallback/token",
+                                     {"session_id": f"probe-{n}", "cohort_id": "probe"})
+        assert status == 200, body
+        assert body["guardrail"] == {"ratio": None, "soft_breach": False, "exempt": True}
+    status, _, body = await call(http, relay, "/status", method="GET", key=None)
+    assert body["paused"] == "off"
