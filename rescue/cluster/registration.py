@@ -23,6 +23,7 @@ import socket
 import time
 from collections.abc import Callable
 
+from rescue import metrics
 from rescue.cluster.redis_registry import RedisRegistry
 from rescue.cluster.registry import (
     ACTIVE,
@@ -36,7 +37,6 @@ from rescue.cluster.registry import (
     worker_field,
 )
 from rescue.config import Config
-from rescue import metrics
 from rescue.logs import log_event
 
 log = logging.getLogger("rescue.cluster")
