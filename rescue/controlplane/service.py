@@ -33,7 +33,14 @@ def make_store(config: Config) -> Store:
     """A RedisStore when ``redis_url`` is set, else a MemoryStore (call after fork)."""
     if config.redis_url:
         return RedisStore(config.redis_url, timeout_s=config.redis_timeout_s)
-    return MemoryStore()
+    return MemoryStore(pause_file=pause_file(config))
+
+
+def pause_file(config: Config) -> Path:
+    """Where a node without Redis keeps its kill switch (in its state directory)."""
+    state_dir = config.resolved_state_dir()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    return state_dir / "fallback-pause"
 
 
 def signing_key(config: Config) -> keys.SigningKey:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 from rescue.controlplane.guardrail import COUNTER_TTL_S, counter_keys
@@ -53,12 +54,18 @@ class Store(Protocol):
 
 
 class MemoryStore:
-    """A :class:`Store` in this process's memory, with expiring counters."""
+    """A :class:`Store` in this process's memory, with expiring counters.
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    With ``pause_file`` the kill switch also lives in that file, so a reload or restart of
+    a node without Redis keeps it (the counters start over: they are hourly anyway).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 pause_file: Path | None = None) -> None:
         self._clock = clock
         self._counters: dict[str, tuple[int, float]] = {}
-        self._pause = Pause.OFF
+        self._pause_file = pause_file
+        self._pause = read_pause(pause_file)
 
     def _incr(self, key: str) -> int:
         now = self._clock()
@@ -97,6 +104,20 @@ class MemoryStore:
 
     async def set_pause(self, pause: Pause) -> None:
         self._pause = pause
+        if self._pause_file is not None:
+            temporary = self._pause_file.with_suffix(".tmp")
+            temporary.write_text(pause.value + "\n")
+            temporary.replace(self._pause_file)  # atomic: a reader sees old or new
 
     async def close(self) -> None:
         return None
+
+
+def read_pause(path: Path | None) -> Pause:
+    """The switch saved in ``path``; off when there is none (or it is unreadable)."""
+    if path is None:
+        return Pause.OFF
+    try:
+        return Pause(path.read_text().strip())
+    except (OSError, ValueError):
+        return Pause.OFF

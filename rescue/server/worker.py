@@ -32,7 +32,7 @@ from rescue.codes import CloseCode
 from rescue.config import Config
 from rescue.controlplane import service as controlplane
 from rescue.controlplane.api import PauseCache
-from rescue.controlplane.store import Pause
+from rescue.controlplane.store import Pause, read_pause
 from rescue.drain import Drainer, Phase
 from rescue.hello import encode_draining
 from rescue.logs import configure_logging, log_event
@@ -283,6 +283,8 @@ async def run_worker(config: Config, sockets: WorkerSockets, generation: int = 1
         assert admin_runner.server is not None
         await loop.create_server(admin_runner.server, sock=sockets.admin)
     sweeper = loop.create_task(run_sweeper(relay))
+    if not config.redis_url:  # the saved switch, until slot 0's state comes round
+        relay.set_pause(read_pause(controlplane.pause_file(config)))
     pause_cache = (api.pause if api is not None else
                    PauseCache(store, config.pause_poll_s, config.fallback_paused)
                    if store is not None else None)

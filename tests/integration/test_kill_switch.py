@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -138,3 +139,17 @@ async def test_kill_switch_reaches_every_worker(
     assert closes == [(4008, "GUARDRAIL_TRIPPED")] * len(peers)
     assert await every_worker_refuses(http, relay)
     assert await health_pause_states(http, relay) == {"hard"}
+
+
+async def test_without_redis_a_reload_keeps_the_kill_switch(
+        relay_factory: RelayFactory, key_dir: Path, fresh_http: aiohttp.ClientSession) -> None:
+    relay = relay_factory(workers=WORKERS, service_keys=SERVICE_KEY, admin_key=ADMIN_KEY,
+                          signing_keys=str(key_dir), pause_poll_s=PAUSE_POLL_S)
+    http = fresh_http
+    await switch(http, relay, "/admin/pause", "soft")
+    await wait_until(lambda: every_worker_refuses(http, relay),
+                     "every worker to refuse upgrades", within_s=PROPAGATION_S)
+    relay.proc.send_signal(signal.SIGHUP)
+    await asyncio.to_thread(relay.wait_for_event, "reload.completed", 30.0)
+    assert await health_pause_states(http, relay) == {"soft"}
+    assert await every_worker_refuses(http, relay)

@@ -12,6 +12,7 @@ import asyncio
 import calendar
 import time
 from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
@@ -320,3 +321,15 @@ async def test_redis_never_reachable_is_store_unavailable() -> None:
 
 def test_memory_ttl_of_an_unknown_key_is_none() -> None:
     assert MemoryStore().ttl(counter_keys("public", NOW)[0]) is None
+
+
+async def test_a_memory_store_keeps_its_kill_switch_in_its_pause_file(tmp_path: Path) -> None:
+    path = tmp_path / "fallback-pause"
+    first = MemoryStore(pause_file=path)
+    assert await first.pause_state() is Pause.OFF
+    await first.set_pause(Pause.HARD)
+    assert await MemoryStore(pause_file=path).pause_state() is Pause.HARD  # a new process
+    await first.set_pause(Pause.OFF)
+    assert await MemoryStore(pause_file=path).pause_state() is Pause.OFF
+    path.write_text("garbage\n")
+    assert await MemoryStore(pause_file=path).pause_state() is Pause.OFF
