@@ -322,16 +322,8 @@ class ParticipantEngine(PeerEngine):
 
     def _ack(self, now: float, *, force: bool = False) -> None:
         link = self.link
-        if link is None:
-            return
-        seq = link.inbox.ack_due(now)
-        if seq is None and force:
-            seq = link.inbox.last_delivered()
-        if seq is None or seq < 1:
-            return
-        sealed = link.pair.p2h.seal(Kind.ACK, seq, b"", bytes((link.slot,)))
-        self._out.append(encode_frame(Kind.ACK, seq, bytes((link.slot,)) + sealed))
-        link.inbox.ack_sent(seq, now)
+        if link is not None:
+            _queue_ack(self._out, link.inbox, link.pair.p2h, link.slot, now, force)
 
     def tick(self, now: float) -> float | None:
         """Send acks that fell due; return the next time this needs a tick (or None)."""
@@ -567,16 +559,8 @@ class HostEngine(PeerEngine):
         self._ack(p, now)
 
     def _ack(self, p: _Participant, now: float, *, force: bool = False) -> None:
-        if p.inbox is None or p.pair is None:
-            return
-        seq = p.inbox.ack_due(now)
-        if seq is None and force:
-            seq = p.inbox.last_delivered()
-        if seq is None or seq < 1:
-            return
-        sealed = p.pair.h2p.seal(Kind.ACK, seq, b"", bytes((p.slot,)))
-        self._out.append(encode_frame(Kind.ACK, seq, bytes((p.slot,)) + sealed))
-        p.inbox.ack_sent(seq, now)
+        if p.inbox is not None and p.pair is not None:
+            _queue_ack(self._out, p.inbox, p.pair.h2p, p.slot, now, force)
 
     def _forget(self, p: _Participant, what: str, detail: str = "") -> None:
         self._by_peer.pop(p.peer_id, None)
@@ -603,3 +587,17 @@ class HostEngine(PeerEngine):
 
 
 MAX_SLOTTED_CHUNK = MAX_CHUNK - 1
+
+
+def _queue_ack(out: list[bytes], inbox: Inbox, cipher: FrameCipher, slot: int, now: float,
+               force: bool) -> None:
+    """Append an ack frame (``slot || sealed empty``) when ``inbox``'s policy says one is
+    due, or, with ``force``, for whatever was delivered so far."""
+    seq = inbox.ack_due(now)
+    if seq is None and force:
+        seq = inbox.last_delivered()
+    if seq is None or seq < 1:
+        return
+    tag = bytes((slot,))
+    out.append(encode_frame(Kind.ACK, seq, tag + cipher.seal(Kind.ACK, seq, b"", tag)))
+    inbox.ack_sent(seq, now)

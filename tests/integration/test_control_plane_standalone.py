@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import queue
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +14,7 @@ import pytest
 from rescue.frames import Kind
 from tests.support.client import join
 from tests.support.controlplane import post_json
+from tests.support.nodes import ControlPlaneProcess
 from tests.support.redis import RedisServer
 from tests.support.relay import RelayProcess
 
@@ -27,65 +22,12 @@ SERVICE_KEY = "fleet-service-key"
 ADMIN_KEY = "fleet-admin-key"
 
 
-class ControlPlaneProcess:
-    """A standalone control plane on 127.0.0.1 with an OS-chosen port."""
-
-    def __init__(self, key_dir: Path, state_dir: Path, redis_url: str) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BEACH_RESCUE_")}
-        env.update(BEACH_RESCUE_STATE_DIR=str(state_dir), BEACH_RESCUE_REDIS_URL=redis_url,
-                   BEACH_RESCUE_SERVICE_KEYS=SERVICE_KEY, BEACH_RESCUE_ADMIN_KEY=ADMIN_KEY,
-                   BEACH_RESCUE_SIGNING_KEYS=str(key_dir),
-                   BEACH_RESCUE_RELAY_URL="ws://relay.example/ws")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rescue", "control-plane", "--host", "127.0.0.1",
-             "--port", "0"], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE)
-        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
-        threading.Thread(target=self._drain, daemon=True).start()
-        self.port = self._wait_listening()
-
-    def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                self.events.put(record)
-
-    def _wait_listening(self) -> int:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                record = self.events.get(timeout=0.2)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"control plane exited {self.proc.returncode}") from None
-                continue
-            if record.get("event") == "control_plane.listening":
-                return int(record["port"])
-        raise TimeoutError("control plane did not listen in time")
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def stop(self) -> int:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-        return self.proc.returncode
-
-
 @pytest.fixture
 def control_plane(key_dir: Path, tmp_path: Path,
                   redis_server: RedisServer) -> Iterator[ControlPlaneProcess]:
-    cp = ControlPlaneProcess(key_dir, tmp_path / "cp-state", redis_server.url)
+    cp = ControlPlaneProcess(tmp_path / "cp-state", redis_url=redis_server.url,
+                             service_keys=SERVICE_KEY, admin_key=ADMIN_KEY,
+                             signing_keys=str(key_dir), relay_url="ws://relay.example/ws")
     yield cp
     assert cp.stop() == 0
 
