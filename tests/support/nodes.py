@@ -66,12 +66,20 @@ def _gone(proc: psutil.Process) -> bool:
 
 
 def kill_node(node: RelayProcess) -> None:
-    """SIGKILL a node's supervisor and workers at once (a machine that died); return
-    when none of them runs any more (an orphaned worker may stay a zombie a while)."""
+    """SIGKILL a node's supervisor and workers as a machine dies; return when none of
+    them runs any more (an orphaned worker may stay a zombie a while).
+
+    Every process is stopped (SIGSTOP, the supervisor first) before any is killed: a
+    worker that saw its supervisor vanish would start a drain (marking itself
+    ``draining`` in the registry) before its own SIGKILL, which a dead machine cannot do.
+    """
     try:
         procs = [psutil.Process(node.proc.pid), *psutil.Process(node.proc.pid).children()]
     except psutil.NoSuchProcess:
         return
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGSTOP)
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.send_signal(signal.SIGKILL)
