@@ -14,6 +14,8 @@ grants more than ``burst + rate * (t1 - t0)`` (the bucket starts full).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from rescue.config import Config
 
 __all__ = ["ConnectionRateLimit", "TokenBucket"]
@@ -30,7 +32,7 @@ class TokenBucket:
             raise ValueError(f"rate and burst must be positive (rate={rate}, burst={burst})")
         self.rate = float(rate)
         self.burst = float(burst)
-        self.tokens = float(burst)
+        self.tokens = self.burst
         self.stamp = float(now)
 
     def take(self, amount: float, now: float) -> bool:
@@ -64,11 +66,24 @@ class ConnectionRateLimit:
     @classmethod
     def from_config(cls, config: Config, now: float) -> ConnectionRateLimit:
         """Build the limit from the ``rate_*`` settings of ``config``, full at ``now``."""
-        return cls(messages_per_s=config.rate_messages_per_s,
-                   messages_burst=config.rate_messages_burst,
-                   bytes_per_s=config.rate_bytes_per_s,
-                   bytes_burst=config.rate_bytes_burst,
-                   now=now)
+        return cls.factory(config)(now)
+
+    @classmethod
+    def factory(cls, config: Config) -> Callable[[float], ConnectionRateLimit]:
+        """Return ``make(now)``, which builds a limit from ``config``, full at ``now``.
+
+        The settings are converted to floats once and shared by every limit it makes
+        (converting them per connection would cost a float object per bucket).
+        """
+        settings = {"messages_per_s": float(config.rate_messages_per_s),
+                    "messages_burst": float(config.rate_messages_burst),
+                    "bytes_per_s": float(config.rate_bytes_per_s),
+                    "bytes_burst": float(config.rate_bytes_burst)}
+
+        def make(now: float) -> ConnectionRateLimit:
+            return cls(now=now, **settings)
+
+        return make
 
     def allow(self, nbytes: int, now: float) -> bool:
         """Charge one message of ``nbytes`` bytes at ``now``; False if either bucket refuses.

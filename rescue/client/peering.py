@@ -323,7 +323,7 @@ class ParticipantEngine(PeerEngine):
     def _ack(self, now: float, *, force: bool = False) -> None:
         link = self.link
         if link is not None:
-            _queue_ack(self._out, link.inbox, link.pair.p2h, link.slot, now, force)
+            _queue_ack(self._out, link.inbox, link.pair.p2h, link.slot, now=now, force=force)
 
     def tick(self, now: float) -> float | None:
         """Send acks that fell due; return the next time this needs a tick (or None)."""
@@ -560,7 +560,7 @@ class HostEngine(PeerEngine):
 
     def _ack(self, p: _Participant, now: float, *, force: bool = False) -> None:
         if p.inbox is not None and p.pair is not None:
-            _queue_ack(self._out, p.inbox, p.pair.h2p, p.slot, now, force)
+            _queue_ack(self._out, p.inbox, p.pair.h2p, p.slot, now=now, force=force)
 
     def _forget(self, p: _Participant, what: str, detail: str = "") -> None:
         self._by_peer.pop(p.peer_id, None)
@@ -589,8 +589,8 @@ class HostEngine(PeerEngine):
 MAX_SLOTTED_CHUNK = MAX_CHUNK - 1
 
 
-def _queue_ack(out: list[bytes], inbox: Inbox, cipher: FrameCipher, slot: int, now: float,
-               force: bool) -> None:
+def _queue_ack(out: list[bytes], inbox: Inbox, cipher: FrameCipher, slot: int, *,
+               now: float, force: bool) -> None:
     """Append an ack frame (``slot || sealed empty``) when ``inbox``'s policy says one is
     due, or, with ``force``, for whatever was delivered so far."""
     seq = inbox.ack_due(now)

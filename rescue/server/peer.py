@@ -27,11 +27,13 @@ if TYPE_CHECKING:
 class Peer:
     """A connection that completed its hello and is a member of a session."""
 
+    # One per connection: slots only, and nothing the other attributes already reach
+    # (a cached bound method would cost 64 bytes per connection).
     __slots__ = (
-        "_close_task", "_drain", "_release", "close_code", "closing", "connection_id",
+        "_close_task", "_release", "close_code", "closing", "connection_id",
         "data_msgs", "held", "is_host", "member", "missed", "paused_since", "peer_id",
         "protocol", "rate", "relay", "role", "rx_bytes", "rx_msgs", "seen_data",
-        "seen_data_at", "seen_rx", "session", "started_at", "telemetry", "transport",
+        "seen_data_at", "seen_rx", "session", "telemetry", "transport",
         "tx_bytes", "tx_msgs", "ws",
     )
 
@@ -55,12 +57,11 @@ class Peer:
         self.close_code: CloseCode | None = None
         self.rx_msgs = self.rx_bytes = self.tx_msgs = self.tx_bytes = self.data_msgs = 0
         self.seen_rx = self.seen_data = self.missed = 0
-        self.seen_data_at = self.started_at = now
+        self.seen_data_at = now
         self.paused_since: float | None = None
         self._close_task: asyncio.Task[None] | None = None
         self._release: asyncio.Future[None] | None = None
         self.held = False  # the relay stopped reading this peer (its receivers are full)
-        self._drain = protocol._drain_helper
         high = relay.config.write_high_water_bytes
         transport.set_write_buffer_limits(high=high, low=relay.config.write_low_water_bytes)
 
@@ -120,7 +121,7 @@ class Peer:
 
     async def _drain_quietly(self) -> None:
         with contextlib.suppress(ConnectionError):
-            await self._drain()
+            await self.protocol._drain_helper()
 
     # --- closing ---------------------------------------------------------------------
     def close(self, code: CloseCode, left_reason: str) -> None:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterable
 from time import perf_counter
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl
 
 from aiohttp import WSMsgType, web
 
@@ -80,6 +81,20 @@ def _close_name(code: int | None) -> str:
     return CloseCode(code).name
 
 
+def query_values(request: web.Request, *names: str) -> list[str | None]:
+    """The first value of each of ``names`` in the request's query (None where absent).
+
+    The same parse as ``request.query`` (yarl's is ``parse_qsl`` with blank values kept),
+    but not cached on the request's URL, which lives as long as the WebSocket: the
+    token (hundreds of bytes) would otherwise stay in memory with every connection.
+    """
+    found: dict[str, str] = {}
+    for name, value in parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True):
+        if name in names and name not in found:
+            found[name] = value
+    return [found.get(name) for name in names]
+
+
 def method_not_allowed(request: web.Request, allowed: Iterable[str]) -> web.Response:
     """The contract's 405 with its ``Allow`` header."""
     response = error_response(ErrorCode.METHOD_NOT_ALLOWED,
@@ -123,6 +138,7 @@ class Relay:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid():x}{secrets.token_hex(2)}"
+        self._new_rate_limit = ConnectionRateLimit.factory(config)
 
     # --- bookkeeping ---------------------------------------------------------------
     @property
@@ -181,10 +197,13 @@ class Relay:
     def detach(self, peer: Peer, reason: str) -> None:
         """Take ``peer`` out of its session and tell its counterparts (``peer_left``)."""
         self.peers.discard(peer)
-        if peer.member is None:
+        # The member refers back to the peer (Member.conn): dropping the link here lets
+        # reference counting free the connection's whole object graph when it ends,
+        # instead of leaving it to a rare full collection (the worker makes those rare).
+        member, peer.member = peer.member, None
+        if member is None:
             return
-        result = self.registry.leave(peer.session, peer.member,
-                                     asyncio.get_running_loop().time())
+        result = self.registry.leave(peer.session, member, asyncio.get_running_loop().time())
         if result.notify:
             event = encode_peer_left(peer.role, peer.peer_id, reason)
             for other in result.notify:
@@ -201,9 +220,9 @@ class Relay:
         if request.method not in ("GET", "HEAD"):
             self.stats.upgrades_refused[ErrorCode.METHOD_NOT_ALLOWED.code] += 1
             return method_not_allowed(request, ("GET", "HEAD"))
-        query = request.query
+        session_id, query_token = query_values(request, "session", "token")
         upgrade = UpgradeRequest(
-            session=query.get("session"), query_token=query.get("token"),
+            session=session_id, query_token=query_token,
             authorization=request.headers.get("Authorization"),
             is_websocket_upgrade=request.headers.get("Upgrade", "").lower() == "websocket")
         try:
@@ -230,11 +249,13 @@ class Relay:
 
         This frame and :meth:`_relay`'s live as long as the WebSocket, so the chain is
         kept at two: every further awaited helper would cost a frame per connection.
+        For the same reason this frame lets go of what only the handshake needs.
         """
         admitted = self._admit(request)
         if isinstance(admitted, web.Response):
             return admitted
         claims, session = admitted
+        del admitted
         with tracing.span("connection", worker_slot=self.worker_slot) as trace:
             loop = asyncio.get_running_loop()
             handshaking = True
@@ -258,6 +279,7 @@ class Relay:
                         hello_trace.set_attribute("role", peer.role)
                     hello_trace.set_attribute("outcome", "ok" if peer is not None else
                                               _close_name(ws.close_code))
+                del claims  # uncached claims would otherwise live as long as the connection
                 self.handshakes -= 1
                 handshaking = False
                 self.registry.release(session, loop.time())
@@ -327,7 +349,7 @@ class Relay:
         connection_id = f"{self._id_prefix}-{next(self._ids):x}"
         peer = Peer(self, ws, transport, request.protocol, role=hello.role,
                     peer_id=hello.peer_id, connection_id=connection_id, session=session,
-                    rate=ConnectionRateLimit.from_config(self.config, now), now=now,
+                    rate=self._new_rate_limit(now), now=now,
                     telemetry=CAP_TELEMETRY in claims.cap)
         try:
             joined = self.registry.join(session, hello.role, hello.peer_id, peer)
@@ -364,12 +386,16 @@ class Relay:
         return peer
 
     async def _relay(self, peer: Peer) -> None:
-        """Forward ``peer``'s frames until it leaves; then account for how it ended."""
+        """Forward ``peer``'s frames until it leaves; then account for how it ended.
+
+        Its locals live as long as the connection: no bound methods are cached in them
+        (each would cost 64 bytes per connection; calling ``obj.method()`` allocates none),
+        and nothing of one message stays referenced while it waits for the next.
+        """
         ws = peer.ws
-        receive = ws.receive
-        clock = asyncio.get_running_loop().time
+        loop = asyncio.get_running_loop()
         stats = self.stats
-        rate_allow = peer.rate.allow
+        rate = peer.rate
         session = peer.session
         slow_timeout = self.config.slow_consumer_timeout_s
         kind_messages, kind_bytes = stats.kind_messages, stats.kind_bytes
@@ -380,17 +406,20 @@ class Relay:
         reason = "closed"
         try:
             while True:
-                msg = await receive()
+                # Otherwise an idle sender would keep its last message (up to
+                # max_message_bytes) and the receivers it went to (closed ones too) alive.
+                msg = data = frame = receivers = receiver = None
+                msg = await ws.receive()
                 kind_of_msg = msg.type
                 if kind_of_msg is _BINARY:
                     if sampling:
                         started = perf_counter()
-                    data: bytes = msg.data
+                    data = msg.data
                     kind = check_frame(data)
                     size = len(data)
                     peer.rx_msgs += 1
                     peer.rx_bytes += size
-                    if not rate_allow(size, clock()):
+                    if not rate.allow(size, loop.time()):
                         stats.rate_limited += 1
                         code, reason = CloseCode.RATE_LIMITED, "evicted"
                         break

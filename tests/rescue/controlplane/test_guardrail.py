@@ -84,14 +84,25 @@ def test_hard_threshold_trips_at_or_over_it() -> None:
 
 
 @given(fallback=st.integers(0, 10**9), total=st.integers(0, 10**9),
-       threshold=st.floats(1e-6, 1.0), hard=st.one_of(st.just(0.0), st.floats(1e-6, 1.0)))
+       threshold=st.floats(1e-6, 1.0), hard=st.one_of(st.just(0.0), st.floats(1e-6, 1.0)),
+       minimum=st.integers(1, 1000))
 def test_decision_is_the_ratio_against_the_thresholds(fallback: int, total: int,
-                                                      threshold: float, hard: float) -> None:
-    state = evaluate(fallback, total, threshold=threshold, hard_threshold=hard)
+                                                      threshold: float, hard: float,
+                                                      minimum: int) -> None:
+    state = evaluate(fallback, total, threshold=threshold, hard_threshold=hard,
+                     hard_min_sessions=minimum)
     ratio = fallback / max(total, 1)
     assert state.ratio == ratio
     assert state.soft_breach == (ratio >= threshold)
-    assert state.hard_breach == (hard > 0 and ratio >= hard)
+    assert state.hard_breach == (hard > 0 and total >= minimum and ratio >= hard)
+
+
+def test_a_cohort_below_the_minimum_sample_never_breaches_hard() -> None:
+    assert evaluate(1, 0, threshold=0.1, hard_threshold=0.5).hard_breach is False
+    assert evaluate(50, 99, threshold=0.1, hard_threshold=0.5,
+                    hard_min_sessions=100).hard_breach is False
+    assert evaluate(50, 100, threshold=0.1, hard_threshold=0.5,
+                    hard_min_sessions=100).hard_breach is True
 
 
 def test_breach_log_fires_once_per_cohort_hour() -> None:
