@@ -71,6 +71,9 @@ Role = Literal["host", "participant"]
 ERROR_HEADER = "X-Beach-Rescue-Error"
 _RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 _HEARTBEAT = encode_frame(Kind.HEARTBEAT, 0, b"")
+RETURN_GRACE_S = 5.0
+"""How long :meth:`Channel.finish` waits for a counterpart that finished its stream and
+left to come back (a reconnect) before it stops waiting for acknowledgements."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,26 +244,48 @@ class Channel:
         """End this side's stream (half-close) and wait up to ``linger_s`` for its acknowledgement.
 
         Messages from the other side keep arriving until it finishes too. Returns True when
-        everything sent was acknowledged, False when the linger ran out; raises the
-        channel's failure if it fails meanwhile. Idempotent.
+        everything sent was acknowledged, False when the linger ran out or the counterpart
+        finished and stayed away for ``RETURN_GRACE_S``; raises the channel's failure if it
+        fails meanwhile. Idempotent.
         """
+        return await self._finish(reason, close_frame_matters=True)
+
+    async def _finish(self, reason: str, *, close_frame_matters: bool) -> bool:
         if self._failure is None and self._engine.ready and self._task is not None \
                 and not self._finished:
             self._finished = True
             self._engine.send_close(reason)
             await self._flush()
+        engine = self._engine
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.options.linger_s):
-                await self._wait(lambda: self._engine.unacked == 0 or self._engine.abandoned)
-        return self._engine.unacked == 0
+                while engine.unacked:
+                    await self._wait(lambda: engine.unacked == 0 or engine.abandoned)
+                    if engine.unacked == 0:
+                        break
+                    if not close_frame_matters and self._finished and engine.unacked == 1:
+                        break  # only our close frame is unacknowledged: nothing is at risk
+                    # Gone after finishing its stream, as far as the relay's events say;
+                    # but a reconnect (its or ours) looks the same for a moment.
+                    try:
+                        async with asyncio.timeout(RETURN_GRACE_S):
+                            await self._wait(lambda: engine.unacked == 0
+                                             or not engine.abandoned)
+                    except TimeoutError:
+                        break  # still gone: nobody will acknowledge the rest
+        return engine.unacked == 0
 
     async def close(self, reason: str = "") -> None:
-        """:meth:`finish` this side's stream, then disconnect; idempotent."""
+        """:meth:`finish` this side's stream, then disconnect; idempotent.
+
+        Unlike :meth:`finish` it does not wait for a departed counterpart to come back
+        when nothing but its own close frame is unacknowledged.
+        """
         if self._closing:
             return
         if self._task is not None and self._failure is None:
             with contextlib.suppress(ChannelError):  # the failure stays in `failure`
-                await self.finish(reason)
+                await self._finish(reason, close_frame_matters=False)
                 self._engine.send_leave()
                 await self._flush()
         self._closing = True

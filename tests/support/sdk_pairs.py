@@ -27,7 +27,7 @@ PSK = b"chaos and soak pre-shared secret"
 CHUNK_BYTES = (1, 48_000)
 PAIR_MARGIN_S = 90.0  # beyond its lifetime, how long a pair may take to finish
 OPTIONS = ChannelOptions(
-    backoff=BackoffPolicy(base_s=0.1, cap_s=2.0, give_up_after_s=60.0), linger_s=30.0)
+    backoff=BackoffPolicy(base_s=0.1, cap_s=2.0, give_up_after_s=60.0), linger_s=15.0)
 
 
 class PacedStream:
@@ -91,6 +91,7 @@ class PairResult:
     started_at: float = 0.0  # loop time the pair asked for its first token
     channels: list[Channel] = field(default_factory=list)
     error: str | None = None  # an exception that stopped the pair, if any
+    states: list[str] = field(default_factory=list)  # each channel's state as it ended
 
     @property
     def intact(self) -> bool:
@@ -106,18 +107,27 @@ class PairResult:
     def describe(self) -> str:
         """A one-line account for assertion messages."""
         failures = [repr(c.failure) for c in self.channels if c.failure is not None]
-        return (f"{self.session_id}: down {self.down.received_bytes}/{self.down.total} "
-                f"acked={self.down.acknowledged} up {self.up.received_bytes}/{self.up.total} "
-                f"acked={self.up.acknowledged} connections={self.connections} "
-                f"failures={failures} error={self.error}")
+        return (f"{self.session_id}: down sent {self.down.sent_bytes} received "
+                f"{self.down.received_bytes}/{self.down.total} acked={self.down.acknowledged} "
+                f"up sent {self.up.sent_bytes} received {self.up.received_bytes}/"
+                f"{self.up.total} acked={self.up.acknowledged} failures={failures} "
+                f"error={self.error} at exit: {'; '.join(self.states)}")
+
+
+def channel_state(channel: Channel) -> str:
+    """What a channel was doing, for a report on a pair that did not end well."""
+    return (f"{channel.role} connected={channel.connected} ready={channel.ready} "
+            f"connections={channel.connections} counterparts={channel.counterparts} "
+            f"unacked={channel._engine.unacked} ended={channel._engine.ended!r}")
 
 
 async def run_pair(channel_type: type[Channel], control_plane_url: str, service_key: str,
                    session_id: str, *, down: int, up: int, lifetime_s: float, seed: int,
-                   live: set[Channel] | None = None) -> PairResult:
-    """Stream ``down`` bytes host → participant and ``up`` back over about ``lifetime_s``;
-    never raises (the result says what went wrong). While streaming, both channels are in
-    ``live`` (so a chaos loop can abort them)."""
+                   live: set[Channel] | None = None,
+                   margin_s: float = PAIR_MARGIN_S) -> PairResult:
+    """Stream ``down`` bytes host → participant and ``up`` back over about ``lifetime_s``
+    (giving up ``margin_s`` after it); never raises (the result says what went wrong).
+    While streaming, both channels are in ``live`` (so a chaos loop can abort them)."""
     spread = max(lifetime_s * 0.8, 1.0)
     result = PairResult(session_id, PacedStream(down, seed, down / spread),
                         PacedStream(up, seed + 1, up / spread),
@@ -135,7 +145,7 @@ async def run_pair(channel_type: type[Channel], control_plane_url: str, service_
     live = live if live is not None else set()
     tasks: list[asyncio.Task[None]] = []
     try:
-        async with asyncio.timeout(lifetime_s + PAIR_MARGIN_S):
+        async with asyncio.timeout(lifetime_s + margin_s):
             await host.start()
             await part.start()
             live.update((host, part))
@@ -146,6 +156,7 @@ async def run_pair(channel_type: type[Channel], control_plane_url: str, service_
     except Exception as e:  # the pair's outcome is data for the test's verdict
         result.error = f"{type(e).__name__}: {e}"
     finally:
+        result.states = [channel_state(c) for c in (host, part)]
         live.discard(host)
         live.discard(part)
         for task in tasks:
