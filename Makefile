@@ -7,8 +7,8 @@ run:  ## venv + install, development keys, relay on 127.0.0.1:9443
 test:  ## install test needs (redis-server via apt when absent), lint, type-check, run the suite
 	sh scripts/dev.sh test
 
-bench:  ## the standard benchmark set (prints numbers, writes benches/results/*.json)
-	.venv/bin/python benches/relay_bench.py
+bench:  ## the standard benchmark set, < 10 min (benches/results/*.json + summary-<UTC>.md)
+	.venv/bin/python -m benches standard
 
 docs:  ## regenerate docs/configuration.md from rescue/config.py
 	.venv/bin/beach-rescue config docs > docs/configuration.md

@@ -10,15 +10,13 @@ generators' own CPU (to tell whether they were the bottleneck).
 from __future__ import annotations
 
 import asyncio
-import json
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench_host import pin
+from bench_child import Child, kill_all, read_event, reap, send, spawn
 from latency_histogram import Histogram
 
 WORKER = Path(__file__).resolve().with_name("accept_load_worker.py")
@@ -41,67 +39,35 @@ class AcceptLoad:
     gen_cpus: list[int] = field(default_factory=lambda: [1])
 
 
-async def _event(proc: asyncio.subprocess.Process, expected: str,
-                 limit_s: float) -> dict[str, Any]:
-    assert proc.stdout is not None
-    try:
-        line = await asyncio.wait_for(proc.stdout.readline(), limit_s)
-    except TimeoutError:
-        raise RuntimeError(f"accept generator {proc.pid}: no {expected!r} in {limit_s:.0f}s") \
-            from None
-    if not line:
-        raise RuntimeError(f"accept generator {proc.pid} exited before {expected!r}")
-    event: dict[str, Any] = json.loads(line)
-    if event.get("event") != expected:
-        raise RuntimeError(f"accept generator {proc.pid}: expected {expected!r}: {event}")
-    return event
-
-
-async def _send(proc: asyncio.subprocess.Process, message: dict[str, Any]) -> None:
-    assert proc.stdin is not None
-    proc.stdin.write((json.dumps(message) + "\n").encode())
-    await proc.stdin.drain()
-
-
 async def run_accept_load(load: AcceptLoad, at_window_start: Callable[[], None],
                           at_window_end: Callable[[], None]) -> dict[str, Any]:
     """Run the load; call the callbacks at the window's edges; return the merged result."""
-    procs: list[asyncio.subprocess.Process] = []
+    procs: list[Child] = []
     max_wall_s = 90 + load.warmup_s + load.duration_s
     try:
         for index in range(load.procs):
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, str(WORKER), stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, limit=2**24)
+            proc = await spawn(WORKER, load.gen_cpus)
             procs.append(proc)
-            pin(proc.pid, load.gen_cpus)
-            await _send(proc, {"host": "127.0.0.1", "port": load.port, "proc_index": index,
+            await send(proc, {"host": "127.0.0.1", "port": load.port, "proc_index": index,
                                "session_prefix": load.session_prefix,
                                "token_keys": load.token_keys, "kid": load.kid,
                                "connections": load.connections_per_proc,
                                "concurrency": load.concurrency, "max_wall_s": max_wall_s})
-        ready = [await _event(p, "ready", 60) for p in procs]
+        ready = [await read_event(p, "ready", 60) for p in procs]
         start_ns = time.monotonic_ns() + 200_000_000
         t0 = start_ns + int(load.warmup_s * 1e9)
         t1 = t0 + int(load.duration_s * 1e9)
         for proc in procs:
-            await _send(proc, {"cmd": "go", "start_ns": start_ns, "t0_ns": t0, "t1_ns": t1})
+            await send(proc, {"cmd": "go", "start_ns": start_ns, "t0_ns": t0, "t1_ns": t1})
         await asyncio.sleep(max(0.0, (t0 - time.monotonic_ns()) / 1e9))
         at_window_start()
         await asyncio.sleep(max(0.0, (t1 - time.monotonic_ns()) / 1e9))
         at_window_end()
-        results = [await _event(p, "result", 30) for p in procs]
-        for proc in procs:
-            try:
-                await asyncio.wait_for(proc.wait(), 20)
-            except TimeoutError:
-                proc.kill()
+        results = [await read_event(p, "result", 30) for p in procs]
+        await reap(procs, 20)
         return merge(load, ready, results)
     finally:
-        for proc in procs:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        await kill_all(procs)
 
 
 def merge(load: AcceptLoad, ready: list[dict[str, Any]],

@@ -19,14 +19,13 @@ import asyncio
 import contextlib
 import json
 import os
-import resource
-import sys
 import time
 from dataclasses import dataclass
 from time import monotonic_ns
 from typing import Any
 
 import uvloop
+from bench_child import emit, open_stdin, raise_nofile_limit
 from bench_tokens import TokenMinter
 from latency_histogram import Histogram
 from ws_client import HandshakeError, ResponseHead, WsClient, client_hello, upgrade_request
@@ -173,34 +172,27 @@ class AcceptGenerator:
             await asyncio.wait(pending, timeout=limit_s)
 
 
-def _emit(event: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(event, separators=(",", ":")) + "\n")
-    sys.stdout.flush()
-
-
 async def main_async() -> None:
     """Speak the JSON-lines protocol of the module docstring."""
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    reader = await open_stdin()
     cfg = AcceptConfig(**json.loads(await reader.readline()))
     loop.call_later(cfg.max_wall_s, os._exit, 3)
     gen = AcceptGenerator(cfg)
-    _emit({"event": "ready", "proc": cfg.proc_index, "prepare_s": gen.prepare()})
+    emit({"event": "ready", "proc": cfg.proc_index, "prepare_s": gen.prepare()})
     line = await reader.readline()
     if not line:
         return
     command = json.loads(line)
     if command.get("cmd") == "go":
         await gen.run(int(command["start_ns"]), int(command["t0_ns"]), int(command["t1_ns"]))
-        _emit(gen.result())
+        emit(gen.result())
     await gen.close_all()
 
 
 def main() -> None:
     """Entry point of the child process."""
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_nofile_limit()
     uvloop.run(main_async())
 
 

@@ -100,6 +100,33 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def ephemeral_ports() -> int:
+    """Return how many local ports the kernel hands out per source address (default range:
+    28,232), from ``/proc/sys/net/ipv4/ip_local_port_range``."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(v) for v in f.read().split())
+    except (OSError, ValueError):
+        return 28232
+    return high - low + 1
+
+
+def loopback_sources(connections: int, count: int = -1) -> list[str]:
+    """Return the source addresses a generator binds to: 127.0.0.2, 127.0.0.3, ...
+
+    ``count`` -1 picks enough that no address carries more than 70 % of the ephemeral ports
+    (none at all while one address suffices: the kernel's default source, 127.0.0.1); 0 binds
+    none. Linux routes all of 127.0.0.0/8 to the loopback interface, so nothing needs setting
+    up; each address has its own ~28k ports to reach one server port with.
+    """
+    if count < 0:
+        per_address = int(ephemeral_ports() * 0.7)
+        count = 0 if connections <= per_address else -(-connections // per_address)
+    if count > 250:
+        raise ValueError("at most 250 loopback source addresses (127.0.0.2-127.0.0.251)")
+    return [f"127.0.0.{2 + i}" for i in range(count)]
+
+
 def parse_cpus(text: str) -> list[int]:
     """Parse ``"1"`` or ``"0,1"`` into a list of CPU numbers (empty string: no pinning)."""
     return [int(part) for part in text.split(",") if part.strip()]
@@ -143,7 +170,8 @@ def describe_machine() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": sys.version.split()[0],
         "versions": {name: _version(name) for name in
-                     ("aiohttp", "uvloop", "picows", "psutil", "PyJWT", "beach-rescue")},
+                     ("aiohttp", "uvloop", "picows", "psutil", "PyJWT", "aiortc",
+                      "cryptography", "beach-rescue")},
         "rlimit_nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
         "git_revision": _git("rev-parse", "--short", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--", "rescue", "supervisor")),

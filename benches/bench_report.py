@@ -45,7 +45,8 @@ def summarize(runs: list[dict[str, Any]], relays: Sequence[str],
                       "values": ratios}}
 
 
-def _fmt(value: float | None) -> str:
+def fmt(value: float | None) -> str:
+    """Format a number for a table: thousands separators, about three significant digits."""
     if value is None:
         return "-"
     if abs(value) >= 1000:
@@ -55,23 +56,31 @@ def _fmt(value: float | None) -> str:
     return f"{value:.3g}" if abs(value) < 1 else f"{value:.2f}"
 
 
-def summary_table(summary: dict[str, Any], relays: Sequence[str],
-                  metrics: Sequence[Metric]) -> str:
-    """Render the medians (and ratio) as a fixed-width text table."""
-    headers = ["metric", *[f"{r} (median)" for r in relays]]
+def summary_rows(summary: dict[str, Any], columns: Sequence[str],
+                 metrics: Sequence[Metric]) -> list[list[str]]:
+    """Return the summary as rows of cells: a header, one row per metric (medians, ratio) and
+    the count of runs that went into the medians."""
+    headers = ["metric", *[f"{r} (median)" for r in columns]]
     ratio_of = summary["ratio"]["of"]
     if ratio_of:
         headers.append(ratio_of)
     rows = [headers]
     for key, label, unit in metrics:
         row = [f"{label} [{unit}]" if unit else label]
-        row += [_fmt(summary["medians"][r].get(key)) for r in relays]
+        row += [fmt(summary["medians"][r].get(key)) for r in columns]
         if ratio_of:
-            row.append(_fmt(summary["ratio"]["values"].get(key)))
+            row.append(fmt(summary["ratio"]["values"].get(key)))
         rows.append(row)
-    rows.append(["runs ok", *[str(summary["medians"][r]["runs_ok"]) for r in relays]]
+    rows.append(["runs ok", *[str(summary["medians"][r]["runs_ok"]) for r in columns]]
                 + ([""] if ratio_of else []))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(headers))]
+    return rows
+
+
+def summary_table(summary: dict[str, Any], relays: Sequence[str],
+                  metrics: Sequence[Metric]) -> str:
+    """Render the medians (and ratio) as a fixed-width text table."""
+    rows = summary_rows(summary, relays, metrics)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for n, row in enumerate(rows):
         cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:],
@@ -82,6 +91,13 @@ def summary_table(summary: dict[str, Any], relays: Sequence[str],
     return "\n".join(lines)
 
 
+def markdown_table(rows: Sequence[Sequence[str]]) -> str:
+    """Render rows of cells (the first is the header) as a Markdown table, numbers right-aligned."""
+    header, *body = rows
+    align = ["---", *["---:"] * (len(header) - 1)]
+    return "\n".join("| " + " | ".join(row) + " |" for row in [header, align, *body])
+
+
 def run_lines(runs: list[dict[str, Any]], keys: Sequence[str]) -> str:
     """Render one line per run with a few headline metrics (or its error)."""
     lines = []
@@ -90,7 +106,7 @@ def run_lines(runs: list[dict[str, Any]], keys: Sequence[str]) -> str:
         if not r.get("ok"):
             lines.append(f"{head} FAILED: {r.get('error', '?')}")
             continue
-        parts = [f"{k}={_fmt(r['metrics'].get(k))}" for k in keys]
+        parts = [f"{k}={fmt(r['metrics'].get(k))}" for k in keys]
         m = r["metrics"]
         parts.append(f"foreign_cpu={m.get('foreign_cpu_pct')}%")
         if r.get("discarded"):

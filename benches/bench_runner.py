@@ -29,7 +29,7 @@ from bench_host import (
 )
 from bench_report import Metric, run_lines, summarize, summary_table, write_result
 from bench_tokens import generate_keys
-from relay_process import RELAYS, RelayProcess
+from relay_process import RELAY_NAMES, RelayProcess, relay_spec
 
 CONTENDED_CORES = 0.10
 """Foreign CPU (other processes on the machine) above this share of a core marks a run."""
@@ -39,30 +39,37 @@ class RelaySampler:
     """Samples the relay (CPU, RSS) and the machine's foreign CPU at the edges of a load.
 
     Passed to :func:`loadgen.run_load` as its observer; :meth:`window` turns the marks into
-    relay CPU seconds, wall time and contention of the measured window.
+    relay CPU seconds, wall time and contention of the measured window. Without a relay
+    (peers talking directly) its CPU and RSS count as 0 and only the machine is sampled.
     """
 
-    def __init__(self, relay: RelayProcess) -> None:
+    def __init__(self, relay: RelayProcess | None) -> None:
         self.relay = relay
-        self.marks: dict[str, float] = {"cpu_before": relay.cpu_seconds()}
+        self.marks: dict[str, float] = {"cpu_before": self._cpu()}
         self._foreign: ForeignCpu | None = None
+
+    def _cpu(self) -> float:
+        return self.relay.cpu_seconds() if self.relay else 0.0
+
+    def _rss(self) -> int:
+        return self.relay.rss_bytes() if self.relay else 0
 
     def at_connected(self) -> None:
         """Relay CPU and RSS right after the last session's hello."""
-        self.marks["cpu_connected"] = self.relay.cpu_seconds()
-        self.marks["rss_connected"] = self.relay.rss_bytes()
+        self.marks["cpu_connected"] = self._cpu()
+        self.marks["rss_connected"] = self._rss()
 
     def at_window_start(self) -> None:
         """Relay CPU and the foreign-CPU baseline at the start of the window."""
         self.marks["t0"] = time.monotonic()
-        self.marks["cpu0"] = self.relay.cpu_seconds()
+        self.marks["cpu0"] = self._cpu()
         self._foreign = ForeignCpu()
 
     def at_window_end(self) -> None:
         """Relay CPU, RSS and foreign CPU at the end of the window."""
-        self.marks["cpu1"] = self.relay.cpu_seconds()
+        self.marks["cpu1"] = self._cpu()
         self.marks["t1"] = time.monotonic()
-        self.marks["rss_end"] = self.relay.rss_bytes()
+        self.marks["rss_end"] = self._rss()
         self.marks["foreign_s"] = self._foreign.seconds() if self._foreign else 0.0
 
     def window(self) -> dict[str, Any]:
@@ -115,7 +122,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, with_gen_cpus: bool
                         help="extra environment for the rescue relay (repeatable)")
     parser.add_argument("--contended-retries", type=int, default=None,
                         help="repeat a run whose window saw other processes use more than "
-                             f"{CONTENDED_CORES:.0%} of a core, up to this many times "
+                             f"{100 * CONTENDED_CORES:g} %% of a core, up to this many times "
                              "(default 1; quick: 0)")
     parser.add_argument("--quiet-wait", type=float, default=None,
                         help="before each run, wait up to this many seconds for the machine to "
@@ -126,6 +133,14 @@ def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def _known_relay(name: str) -> bool:
+    try:
+        relay_spec(name)
+    except KeyError:
+        return False
+    return True
+
+
 def _default(value: Any, quick: bool, normal: Any, quick_value: Any) -> Any:
     return value if value is not None else (quick_value if quick else normal)
 
@@ -134,9 +149,9 @@ def prepare(parser: argparse.ArgumentParser, args: argparse.Namespace,
             default_runs: int) -> BenchContext:
     """Validate relays, describe the machine, pin this process, generate signing keys."""
     relays = [r.strip() for r in args.relays.split(",") if r.strip()]
-    unknown = [r for r in relays if r not in RELAYS]
+    unknown = [r for r in relays if not _known_relay(r)]
     if unknown or not relays:
-        parser.error(f"unknown relays {unknown}; known: {sorted(RELAYS)}")
+        parser.error(f"unknown relays {unknown}; known: {RELAY_NAMES}")
     env = {"BEACH_RESCUE_DRAIN_TIMEOUT_S": "5"}
     for pair in args.relay_env:
         name, _, value = pair.partition("=")
@@ -152,13 +167,19 @@ def prepare(parser: argparse.ArgumentParser, args: argparse.Namespace,
     # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so every `finally` stops its relay
     # and generator processes instead of orphaning them.
     signal.signal(signal.SIGTERM, _exit_on_signal)
-    if any(RELAYS[r].needs_token for r in relays):
+    if any(relay_spec(r).needs_token for r in relays):
         try:
             ctx.kid = generate_keys(Path(ctx.key_dir))
         except Exception as e:
             ctx.key_error = str(e)
             print(f"warning: {e}", file=sys.stderr)
     return ctx
+
+
+def note_failure(record: dict[str, Any], error: Exception) -> None:
+    """Record a failed run: ``error`` (type and message) and a short ``traceback``."""
+    record["error"] = f"{type(error).__name__}: {error}"
+    record["traceback"] = traceback.format_exc(limit=6)
 
 
 def with_relay(ctx: BenchContext, relay_name: str, label: str,
@@ -168,7 +189,7 @@ def with_relay(ctx: BenchContext, relay_name: str, label: str,
     ``body`` returns the run's flat metrics; the record gets ``ok``, ``metrics`` and, on any
     failure, ``error``, a short traceback and the tail of the relay's log.
     """
-    spec = RELAYS[relay_name]
+    spec = relay_spec(relay_name)
     port = free_port()
     record: dict[str, Any] = {"relay": relay_name, "ok": False, "port": port}
     if spec.needs_token and not ctx.kid:
@@ -184,8 +205,7 @@ def with_relay(ctx: BenchContext, relay_name: str, label: str,
         record["processes"] = relay.processes()
         record["ok"] = True
     except Exception as e:
-        record["error"] = f"{type(e).__name__}: {e}"
-        record["traceback"] = traceback.format_exc(limit=6)
+        note_failure(record, e)
         record["relay_log_tail"] = relay.log_tail()
     finally:
         record["exit_status"] = relay.stop()
@@ -193,42 +213,53 @@ def with_relay(ctx: BenchContext, relay_name: str, label: str,
 
 
 def alternate(ctx: BenchContext, run: Callable[[str, str], dict[str, Any]],
-              line_keys: Sequence[str]) -> list[dict[str, Any]]:
-    """Run ``run(relay, label)`` for each round and relay in turn (a, b, a, b, ...).
+              line_keys: Sequence[str], names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Run ``run(name, label)`` for each round and name in turn (a, b, a, b, ...).
 
-    Before each run, wait (bounded) for the machine to be quiet; a run whose window was contended
-    by other processes is kept but marked ``discarded`` and repeated, up to
-    ``ctx.contended_retries`` times (the last attempt counts whatever it saw).
+    ``names`` are the set-ups to alternate (default: the bench's relays); each record is
+    tagged with its name as ``relay``. Before each run, wait (bounded) for the machine to be
+    quiet; a run whose window was contended by other processes is kept but marked
+    ``discarded`` and repeated, up to ``ctx.contended_retries`` times (the last attempt counts
+    whatever it saw).
     """
     records = []
     for round_no in range(1, ctx.runs + 1):
-        for relay_name in ctx.relays:
-            for attempt in range(1, ctx.contended_retries + 2):
-                print(f"round {round_no}/{ctx.runs}: {relay_name} (attempt {attempt}) ...",
-                      file=sys.stderr, flush=True)
-                quiet = wait_for_quiet(max_wait_s=ctx.quiet_wait_s) if ctx.quiet_wait_s else None
-                record = run(relay_name, f"r{round_no}a{attempt}")
-                record.update(round=round_no, attempt=attempt, foreign_cores_before=quiet)
-                records.append(record)
-                contended = record.get("ok") and record["metrics"].get("contended")
-                if contended and attempt <= ctx.contended_retries:
-                    record["discarded"] = "contended"
-                print(run_lines([record], line_keys), file=sys.stderr, flush=True)
-                if not record.get("discarded"):
-                    break
+        for relay_name in names or ctx.relays:
+            records += run_counted(ctx, run, relay_name, round_no, line_keys)
     return records
 
 
-def finish(bench: str, ctx: BenchContext, records: list[dict[str, Any]], *,
-           metrics: Sequence[Metric], line_keys: Sequence[str], headline: str,
-           config: dict[str, Any]) -> int:
-    """Write the JSON result, print runs and summary; return the exit status (1: all failed)."""
-    summary = summarize(records, ctx.relays, metrics)
-    failed = [r for r in records if not r.get("ok")]
-    counted = [r for r in records if r.get("ok") and not r.get("discarded")]
-    generator_bound = any(r["metrics"].get("generator_bound") for r in counted)
-    contended = any(r["metrics"].get("contended") for r in counted)
-    payload = {
+def run_counted(ctx: BenchContext, run: Callable[[str, str], dict[str, Any]], name: str,
+                round_no: int, line_keys: Sequence[str], *,
+                tag: str = "") -> list[dict[str, Any]]:
+    """Run ``run(name, label)`` until one attempt counts; return every attempt's record.
+
+    Before each attempt, wait (bounded) for a quiet machine; an attempt other processes
+    contended is marked ``discarded`` and repeated, up to ``ctx.contended_retries`` times.
+    The last record returned is the one that counts. ``tag`` is added to the labels.
+    """
+    records = []
+    for attempt in range(1, ctx.contended_retries + 2):
+        print(f"round {round_no}/{ctx.runs}: {name}{' ' + tag if tag else ''} "
+              f"(attempt {attempt}) ...", file=sys.stderr, flush=True)
+        quiet = wait_for_quiet(max_wait_s=ctx.quiet_wait_s) if ctx.quiet_wait_s else None
+        record = run(name, f"r{round_no}{tag}a{attempt}")
+        record.update(relay=name, round=round_no, attempt=attempt, foreign_cores_before=quiet)
+        records.append(record)
+        contended = record.get("ok") and record["metrics"].get("contended")
+        if contended and attempt <= ctx.contended_retries:
+            record["discarded"] = "contended"
+        print(run_lines([record], line_keys), file=sys.stderr, flush=True)
+        if not record.get("discarded"):
+            break
+    return records
+
+
+def result_header(bench: str, ctx: BenchContext, config: dict[str, Any]) -> dict[str, Any]:
+    """Return what every result file starts with: the bench, when it started and took, the
+    machine (CPU, versions, git revision) and the configuration, with the context's relays,
+    rounds, pinning and relay environment added to ``config``."""
+    return {
         "bench": bench,
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ctx.started)),
         "elapsed_s": round(time.time() - ctx.started, 1),
@@ -236,6 +267,24 @@ def finish(bench: str, ctx: BenchContext, records: list[dict[str, Any]], *,
         "config": config | {"relays": ctx.relays, "runs": ctx.runs,
                             "relay_cpus": ctx.relay_cpus, "gen_cpus": ctx.gen_cpus,
                             "relay_env": ctx.relay_env, "key_error": ctx.key_error},
+    }
+
+
+def finish(bench: str, ctx: BenchContext, records: list[dict[str, Any]], *,
+           metrics: Sequence[Metric], line_keys: Sequence[str], headline: str,
+           config: dict[str, Any], columns: Sequence[str] | None = None) -> int:
+    """Write the JSON result, print runs and summary; return the exit status (1: all failed).
+
+    ``columns`` are the set-ups compared side by side (default: the relays); the ratio is
+    first/second.
+    """
+    columns = columns or ctx.relays
+    summary = summarize(records, columns, metrics)
+    failed = [r for r in records if not r.get("ok")]
+    counted = [r for r in records if r.get("ok") and not r.get("discarded")]
+    generator_bound = any(r["metrics"].get("generator_bound") for r in counted)
+    contended = any(r["metrics"].get("contended") for r in counted)
+    payload = result_header(bench, ctx, config) | {
         "summary": summary,
         "generator_bound": generator_bound,
         "contended": contended,
@@ -246,7 +295,7 @@ def finish(bench: str, ctx: BenchContext, records: list[dict[str, Any]], *,
     print(headline)
     print(run_lines(records, line_keys))
     print()
-    print(summary_table(summary, ctx.relays, metrics))
+    print(summary_table(summary, columns, metrics))
     if generator_bound:
         print("\nWARNING: generator_bound: the load generator, not the relay, may have limited "
               "a run (see runs[].load.generator.reasons)")

@@ -32,9 +32,16 @@ import zlib
 from typing import Any
 
 from accept_load import AcceptLoad, run_accept_load
-from bench_host import ForeignCpu, wait_for_quiet
+from bench_host import ForeignCpu
 from bench_report import Metric, run_lines, summarize, summary_table, write_result
-from bench_runner import CONTENDED_CORES, BenchContext, add_common_arguments, prepare
+from bench_runner import (
+    CONTENDED_CORES,
+    BenchContext,
+    add_common_arguments,
+    alternate,
+    prepare,
+    result_header,
+)
 from bench_tokens import TokenMinter
 from handoff_probe import probe, summary
 from multiworker_runner import (
@@ -45,7 +52,7 @@ from multiworker_runner import (
     wait_for_table,
     with_rescue,
 )
-from relay_process import RELAYS
+from relay_process import relay_spec
 
 PROBE_METRICS: list[Metric] = [
     ("local_p50_ms", "local: connect -> server_hello p50", "ms"),
@@ -177,34 +184,6 @@ def accept_run(relay: RescueRelay, record: dict[str, Any], *, ctx: BenchContext,
             "foreign_cpu_pct": round(100 * foreign, 1), "contended": foreign > CONTENDED_CORES}
 
 
-def rounds(ctx: BenchContext, names: list[str],
-           run: Any, line_keys: list[str]) -> list[dict[str, Any]]:
-    """Run each set-up of ``names`` once per round, in turn, after a bounded quiet wait.
-
-    A run that other processes contended (more than 10 % of a core) is kept, marked
-    ``discarded``, and repeated up to ``ctx.contended_retries`` times.
-    """
-    records = []
-    for round_no in range(1, ctx.runs + 1):
-        for name in names:
-            for attempt in range(1, ctx.contended_retries + 2):
-                print(f"round {round_no}/{ctx.runs}: {name} (attempt {attempt}) ...",
-                      file=sys.stderr, flush=True)
-                quiet = wait_for_quiet(max_wait_s=ctx.quiet_wait_s) if ctx.quiet_wait_s \
-                    else None
-                record = run(name, f"r{round_no}a{attempt}")
-                record.update(relay=name, round=round_no, attempt=attempt,
-                              foreign_cores_before=quiet)
-                records.append(record)
-                if record.get("ok") and record["metrics"].get("contended") and \
-                        attempt <= ctx.contended_retries:
-                    record["discarded"] = "contended"
-                print(run_lines([record], line_keys), file=sys.stderr, flush=True)
-                if not record.get("discarded"):
-                    break
-    return records
-
-
 def derived(probe_summary: dict[str, Any], accept_summary: dict[str, Any]) -> dict[str, Any]:
     """The cross-relay figures: hand-off cost against 1 worker, accept rate ratios."""
     m = probe_summary["medians"]
@@ -280,33 +259,29 @@ def main() -> int:
         return with_rescue(ctx, relay_name, f"{label}-{name}",
                            lambda relay, record: accept_run(
                                relay, record, ctx=ctx, args=args, label=f"{label}-{name}",
-                               gen_cpus=gen_cpus, workers=RELAYS[relay_name].workers),
+                               gen_cpus=gen_cpus, workers=relay_spec(relay_name).workers),
                            cpus=relay_cpus)
 
     if not args.skip_probe:
-        probe_records = rounds(ctx, ["w1", "w2"], run_probe, PROBE_LINE_KEYS)
+        probe_records = alternate(ctx, run_probe, PROBE_LINE_KEYS, names=["w1", "w2"])
     if not args.skip_accept:
-        accept_records = rounds(ctx, list(setups), run_accept, ACCEPT_LINE_KEYS)
+        accept_records = alternate(ctx, run_accept, ACCEPT_LINE_KEYS, names=list(setups))
     probe_summary = summarize(probe_records, ["w2", "w1"], PROBE_METRICS)
     accept_summary = summarize(accept_records, list(setups), ACCEPT_METRICS)
     extra = derived(probe_summary, accept_summary)
     pinning = (f"probe and accept set-ups w1/w2: relay tree on CPU(s) {ctx.relay_cpus or 'any'}"
                f" (with 2 workers both share it), generators and this process on CPU(s) "
                f"{ctx.gen_cpus or 'any'}; w2-shared: relay and generators unpinned")
-    payload = {"bench": "handoff",
-               "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ctx.started)),
-               "elapsed_s": round(time.time() - ctx.started, 1), "machine": ctx.machine,
-               "config": {"args": vars(args), "runs": ctx.runs, "pinning": pinning,
-                          "relay_env": ctx.relay_env},
-               "probe_summary": probe_summary, "accept_summary": accept_summary,
-               "derived": extra,
-               "contended": any(r.get("ok") and not r.get("discarded")
-                                and r["metrics"].get("contended")
-                                for r in probe_records + accept_records),
-               "generator_bound": any(r.get("ok") and not r.get("discarded")
-                                      and r["metrics"].get("generator_bound")
-                                      for r in accept_records),
-               "probe_runs": probe_records, "accept_runs": accept_records}
+    payload = result_header("handoff", ctx, {"args": vars(args), "pinning": pinning}) | {
+        "probe_summary": probe_summary, "accept_summary": accept_summary,
+        "derived": extra,
+        "contended": any(r.get("ok") and not r.get("discarded")
+                         and r["metrics"].get("contended")
+                         for r in probe_records + accept_records),
+        "generator_bound": any(r.get("ok") and not r.get("discarded")
+                               and r["metrics"].get("generator_bound")
+                               for r in accept_records),
+        "probe_runs": probe_records, "accept_runs": accept_records}
     path = write_result("handoff", payload)
     print(f"\nhandoff bench, {ctx.runs} round(s); pinning: {pinning}\n")
     if probe_records:

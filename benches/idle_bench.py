@@ -1,7 +1,7 @@
 """Idle-connection benchmark: hold N connections that only send protocol heartbeats.
 
 ``python benches/idle_bench.py [--connections 10000] [--hold 30] [--runs 1]
-[--relays rescue,naive] [--quick]``
+[--relays rescue,naive] [--workers N] [--source-addrs K] [--quick]``
 
 For each round and relay: start the relay pinned to ``--relay-cpus``, warm it up with one
 session (so lazily built state is not charged to the connections), read its RSS, open N
@@ -11,6 +11,13 @@ pinned to ``--gen-cpus`` (at most 8,000 sockets each), let them settle, then hol
 spread evenly); the relay answers each. Reported: connect rate, relay RSS per connection
 ((RSS held - RSS before) / open connections), relay CPU % of a core over the hold, heartbeat
 round trip. Results go to ``benches/results/idle-<UTC timestamp>.json``.
+
+Past ~28k connections one source address runs out of ports to reach the relay's one port, so
+the generators bind each connection to one of ``--source-addrs`` loopback addresses
+(127.0.0.2, 127.0.0.3, ...; by default as many as needed). A process holds at most ~19,900
+sockets here (RLIMIT_NOFILE 20,000), so past 12,500 connections the real relay runs with
+several workers (``--workers``, by default one per 12,500 connections) and the naive baseline,
+a single process, is left out.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import time
 from typing import Any
 
 import aiohttp
+from bench_host import loopback_sources
 from bench_report import Metric
 from bench_runner import (
     RelaySampler,
@@ -125,6 +133,33 @@ def idle_metrics(load: dict[str, Any], sampler: RelaySampler, rss_before: int) -
     }
 
 
+CONNECTIONS_PER_WORKER = 12_500
+"""Connections per relay worker when ``--workers`` is automatic (its limit is 16,000)."""
+SINGLE_PROCESS_LIMIT = 19_000
+"""Connections above which a one-process relay (the naive baseline) cannot be run."""
+
+
+def plan_relays(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """Return ``--relays`` with ``rescue`` given its worker count, and notes on what changed.
+
+    ``--workers 0`` picks one worker per 12,500 connections; the naive relay is dropped when
+    the connections exceed what one process can hold.
+    """
+    workers = args.workers or -(-args.connections // CONNECTIONS_PER_WORKER)
+    notes = []
+    relays = []
+    for name in (r.strip() for r in args.relays.split(",") if r.strip()):
+        if name == "naive" and args.connections > SINGLE_PROCESS_LIMIT:
+            notes.append(f"naive left out: one process cannot hold {args.connections} sockets "
+                         f"(RLIMIT_NOFILE); no same-run baseline at this size")
+        elif name == "rescue" and workers > 1:
+            relays.append(f"rescue{workers}")
+            notes.append(f"rescue runs with {workers} workers (rescue{workers})")
+        else:
+            relays.append(name)
+    return ",".join(relays), notes
+
+
 def measure(relay: RelayProcess, record: dict[str, Any], args: argparse.Namespace, *,
             key_dir: str, kid: str, gen_cpus: list[int], label: str) -> dict[str, Any]:
     """Warm up, then open, settle, hold and close ``args.connections`` idle connections."""
@@ -139,7 +174,9 @@ def measure(relay: RelayProcess, record: dict[str, Any], args: argparse.Namespac
         data_rate=0, input_rate=0, heartbeat_s=args.heartbeat, drain_s=3.0,
         connect_concurrency=args.connect_concurrency,
         token_keys=key_dir if minter else "", kid=kid if minter else "",
-        gen_cpus=gen_cpus, session_prefix=prefix)
+        gen_cpus=gen_cpus, session_prefix=prefix,
+        source_addrs=loopback_sources(args.connections, args.source_addrs))
+    record["source_addrs"] = cfg.source_addrs
     sampler = RelaySampler(relay)
     load = asyncio.run(run_load(cfg, sampler))
     record["load"] = load
@@ -169,10 +206,19 @@ def main() -> int:
                         help="sessions connecting at once per generator process")
     parser.add_argument("--procs", type=int, default=0,
                         help="generator processes (0: enough for <= 8,000 sockets each)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="workers of the rescue relay (0: one per "
+                             f"{CONNECTIONS_PER_WORKER:,} connections)")
+    parser.add_argument("--source-addrs", type=int, default=-1,
+                        help="loopback source addresses to spread connections over "
+                             "(127.0.0.2, ...; -1: as many as needed, 0: none)")
     add_common_arguments(parser, with_gen_cpus=True)
     args = parser.parse_args()
     if args.quick:
         args.connections, args.hold, args.settle = 1000, 5.0, 1.0
+    args.relays, notes = plan_relays(args)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     ctx = prepare(parser, args, default_runs=1)
     ctx.relay_lifetime_s = 300 + args.connections / 50 + args.settle + args.hold
 
@@ -186,7 +232,8 @@ def main() -> int:
     headline = (f"idle bench: {args.connections} connections held {args.hold:g} s, heartbeat "
                 f"every {args.heartbeat:g} s, {ctx.runs} round(s)")
     return finish("idle", ctx, records, metrics=METRICS, line_keys=RUN_LINE_KEYS,
-                  headline=headline, config={"quick": args.quick, "args": vars(args)})
+                  headline=headline, config={"quick": args.quick, "args": vars(args),
+                                             "notes": notes})
 
 
 if __name__ == "__main__":

@@ -23,13 +23,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from bench_host import parse_cpus, pin, pin_self
+from bench_child import Child, kill_all, read_event, reap, send, spawn
+from bench_host import parse_cpus, pin_self
 from latency_histogram import Histogram
 
 WORKER = Path(__file__).resolve().with_name("loadgen_worker.py")
 MAX_SOCKETS_PER_PROC = 8000
 CPU_BOUND_FRACTION = 0.85
 LAG_BOUND_MS = 20.0
+SCHEDULE_LAG_BOUND_MS = 10.0
 
 
 @dataclass
@@ -54,6 +56,9 @@ class LoadConfig:
     kid: str = ""
     gen_cpus: list[int] = field(default_factory=lambda: [1])
     session_prefix: str = ""
+    source_addrs: list[str] = field(default_factory=list)
+    worker: str = ""  # generator script speaking this module's protocol; "": loadgen_worker
+    worker_options: dict[str, Any] = field(default_factory=dict)  # extra config for it
 
     def resolved_procs(self) -> int:
         """Return the generator process count: as given, or enough for 8,000 sockets each."""
@@ -75,33 +80,6 @@ class WindowObserver(Protocol):
         """The measured window ends now."""
 
 
-class LoadError(RuntimeError):
-    """A generator process failed or did not answer in time."""
-
-
-async def _read_event(proc: asyncio.subprocess.Process, expected: str,
-                      limit_s: float) -> dict[str, Any]:
-    assert proc.stdout is not None
-    try:
-        line = await asyncio.wait_for(proc.stdout.readline(), limit_s)
-    except TimeoutError:
-        raise LoadError(f"generator pid {proc.pid}: no {expected!r} within {limit_s:.0f}s") \
-            from None
-    if not line:
-        raise LoadError(f"generator pid {proc.pid} exited (code {proc.returncode}) "
-                        f"before {expected!r}")
-    event: dict[str, Any] = json.loads(line)
-    if event.get("event") != expected:
-        raise LoadError(f"generator pid {proc.pid}: expected {expected!r}, got {event!r}")
-    return event
-
-
-async def _send(proc: asyncio.subprocess.Process, message: dict[str, Any]) -> None:
-    assert proc.stdin is not None
-    proc.stdin.write((json.dumps(message) + "\n").encode())
-    await proc.stdin.drain()
-
-
 async def _sleep_until(t_ns: int) -> None:
     await asyncio.sleep(max(0.0, (t_ns - time.monotonic_ns()) / 1e9))
 
@@ -114,15 +92,12 @@ async def run_load(cfg: LoadConfig, observer: WindowObserver | None = None) -> d
     connect_phase_s = ramp_s + 60.0 + cfg.sessions / 100.0
     start_ns = time.monotonic_ns() + 1_500_000_000
     max_wall_s = (1.5 + connect_phase_s + cfg.warmup_s + cfg.duration_s + cfg.drain_s + 60)
-    procs: list[asyncio.subprocess.Process] = []
+    procs: list[Child] = []
     try:
         for index in range(procs_n):
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, str(WORKER), stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, limit=2**24)
+            proc = await spawn(cfg.worker or WORKER, cfg.gen_cpus)
             procs.append(proc)
-            pin(proc.pid, cfg.gen_cpus)
-            await _send(proc, {
+            await send(proc, {
                 "url": cfg.url, "proc_index": index, "procs": procs_n,
                 "total_sessions": cfg.sessions, "session_prefix": prefix, "start_ns": start_ns,
                 "ramp_sessions_per_s": cfg.ramp_sessions_per_s,
@@ -132,32 +107,26 @@ async def run_load(cfg: LoadConfig, observer: WindowObserver | None = None) -> d
                 "data_rate": cfg.data_rate, "data_bytes": cfg.data_bytes,
                 "input_rate": cfg.input_rate, "input_bytes": cfg.input_bytes,
                 "heartbeat_s": cfg.heartbeat_s, "drain_s": cfg.drain_s,
-                "token_keys": cfg.token_keys, "kid": cfg.kid, "max_wall_s": max_wall_s})
-        connected = [await _read_event(p, "connected", connect_phase_s + 30) for p in procs]
+                "token_keys": cfg.token_keys, "kid": cfg.kid, "max_wall_s": max_wall_s,
+                "source_addrs": cfg.source_addrs} | cfg.worker_options)
+        connected = [await read_event(p, "connected", connect_phase_s + 30) for p in procs]
         if observer:
             observer.at_connected()
         t0 = time.monotonic_ns() + int(cfg.warmup_s * 1e9)
         t1 = t0 + int(cfg.duration_s * 1e9)
         for proc in procs:
-            await _send(proc, {"cmd": "window", "t0_ns": t0, "t1_ns": t1})
+            await send(proc, {"cmd": "window", "t0_ns": t0, "t1_ns": t1})
         await _sleep_until(t0)
         if observer:
             observer.at_window_start()
         await _sleep_until(t1)
         if observer:
             observer.at_window_end()
-        results = [await _read_event(p, "result", cfg.drain_s + 30) for p in procs]
-        for proc in procs:
-            try:
-                await asyncio.wait_for(proc.wait(), 30)
-            except TimeoutError:
-                proc.kill()
+        results = [await read_event(p, "result", cfg.drain_s + 30) for p in procs]
+        await reap(procs, 30)
         return merge_results(cfg, procs_n, connected, results, (t1 - t0) / 1e9)
     finally:
-        for proc in procs:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        await kill_all(procs)
 
 
 def _flow(flows: list[dict[str, Any]], latency_name: str) -> dict[str, Any]:
@@ -192,29 +161,16 @@ def merge_results(cfg: LoadConfig, procs_n: int, connected: list[dict[str, Any]]
     firsts = [c["first_connect_ns"] for c in connected if c["first_connect_ns"]]
     lasts = [c["last_ready_ns"] for c in connected if c["last_ready_ns"]]
     connect_span_s = (max(lasts) - min(firsts)) / 1e9 if firsts and lasts else 0.0
-    lag_all = Histogram()
     per_proc = []
-    reasons = []
     for r in results:
-        lag = Histogram.from_json(r["lag_us"])
-        lag_all.merge(lag)
-        p99 = (lag.percentile(99) or 0) / 1000.0
-        frac = r["cpu_fraction"] or 0.0
-        per_proc.append({"pid": r["pid"], "cpu_fraction": round(frac, 3),
-                         "data_sent": r["data"]["sent_in_window"],
+        per_proc.append({"pid": r["pid"], "data_sent": r["data"]["sent_in_window"],
                          "data_delivered": r["data"]["delivered_in_window"],
                          "input_sent": r["input"]["sent_in_window"],
                          "input_delivered": r["input"]["delivered_in_window"],
-                         "lag_p99_ms": p99, "lag_max_ms": lag.max / 1000.0,
                          "drain_waited_s": round(r["drain_waited_s"], 3)})
-        if frac > CPU_BOUND_FRACTION:
-            reasons.append(f"generator {r['proc']} used {frac:.0%} of a core")
-        if p99 > LAG_BOUND_MS:
-            reasons.append(f"generator {r['proc']} loop lag p99 {p99:.1f} ms")
-    gen_cores = max(1, len(cfg.gen_cpus)) if cfg.gen_cpus else 1
-    total_frac = sum(r["cpu_s"] for r in results) / window_s / gen_cores if window_s else 0.0
-    if total_frac > CPU_BOUND_FRACTION and len(results) > 1:
-        reasons.append(f"generators together used {total_frac:.0%} of their cores")
+    health = judge_generators(results, window_s, len(cfg.gen_cpus) if cfg.gen_cpus else 1)
+    for row, judged in zip(per_proc, health["per_proc"], strict=True):
+        row.update(judged)
     data = _flow([r["data"] for r in results], "latency_ms")
     inputs = _flow([r["input"] for r in results], "latency_ms")
     heartbeat = _flow([r["heartbeat"] for r in results], "rtt_ms")
@@ -233,11 +189,50 @@ def merge_results(cfg: LoadConfig, procs_n: int, connected: list[dict[str, Any]]
         "bad_frames": sum(r["bad_frames"] for r in results),
         "unexpected_disconnects": sum(r["unexpected_disconnects"] for r in results),
         "errors": _merge_errors(results),
-        "generator": {"procs": procs_n, "per_proc": per_proc,
-                      "cpu_fraction_total": round(total_frac, 3),
-                      "lag_ms": lag_all.summary(scale=1000.0),
-                      "generator_bound": bool(reasons), "reasons": reasons},
+        "generator": health | {"procs": procs_n, "per_proc": per_proc},
     }
+
+
+def judge_generators(results: list[dict[str, Any]], window_s: float,
+                     gen_cores: int) -> dict[str, Any]:
+    """Judge whether generator processes kept up; return their health and the verdict.
+
+    Each result carries its window's ``cpu_s``, ``cpu_fraction``, ``lag_us`` (event-loop
+    wake-up lag) and optionally ``schedule_lag_us`` (how late the timing wheel fired). A
+    run is ``generator_bound`` when a process used more than 85 % of a core, all of them more
+    than 85 % of their ``gen_cores``, the loop lag p99 exceeded 20 ms or the schedule lag p95
+    exceeded 10 ms; ``reasons`` says which.
+    """
+    lag_all, sched_all = Histogram(), Histogram()
+    per_proc, reasons = [], []
+    for r in results:
+        lag = Histogram.from_json(r["lag_us"])
+        sched = Histogram.from_json(r["schedule_lag_us"]) if r.get("schedule_lag_us") \
+            else Histogram()
+        lag_all.merge(lag)
+        sched_all.merge(sched)
+        lag_p99 = (lag.percentile(99) or 0) / 1000.0
+        sched_p95 = (sched.percentile(95) or 0) / 1000.0
+        frac = r["cpu_fraction"] or 0.0
+        per_proc.append({"cpu_fraction": round(frac, 3), "lag_p99_ms": lag_p99,
+                         "lag_max_ms": lag.max / 1000.0, "schedule_lag_p95_ms": sched_p95,
+                         "schedule_lag_max_ms": sched.max / 1000.0})
+        name = f"generator {r.get('proc', len(per_proc) - 1)}"
+        if frac > CPU_BOUND_FRACTION:
+            reasons.append(f"{name} used {frac:.0%} of a core")
+        if lag_p99 > LAG_BOUND_MS:
+            reasons.append(f"{name} loop lag p99 {lag_p99:.1f} ms")
+        if sched_p95 > SCHEDULE_LAG_BOUND_MS:
+            reasons.append(f"{name} timing wheel fired late, p95 {sched_p95:.1f} ms")
+    total_frac = (sum(r["cpu_s"] for r in results) / window_s / max(1, gen_cores)
+                  if window_s else 0.0)
+    if total_frac > CPU_BOUND_FRACTION and len(results) > 1:
+        reasons.append(f"generators together used {total_frac:.0%} of their cores")
+    return {"cpu_s": round(sum(r["cpu_s"] for r in results), 4),
+            "cpu_fraction_total": round(total_frac, 3),
+            "lag_ms": lag_all.summary(scale=1000.0),
+            "schedule_lag_ms": sched_all.summary(scale=1000.0),
+            "per_proc": per_proc, "generator_bound": bool(reasons), "reasons": reasons}
 
 
 def add_load_arguments(parser: argparse.ArgumentParser, *, sessions: int, duration: float,

@@ -25,25 +25,24 @@ import contextlib
 import json
 import logging
 import os
-import resource
 import struct
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from time import monotonic_ns
 from typing import Any
 
 import uvloop
+from bench_child import emit, open_stdin, raise_nofile_limit
 from bench_tokens import TokenMinter
 from latency_histogram import Histogram
-from loadgen_traffic import Flow, RateWheel
+from loadgen_traffic import NEVER, Flow, LoopLagProbe, RateWheel
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 HEADER = struct.Struct(">BBHI")
 HEADER_TS = struct.Struct(">BBHIQ")
 KIND_DATA = 1
 KIND_HEARTBEAT = 2
-NEVER = 1 << 62
 MAX_DISTINCT_ERRORS = 20
 
 
@@ -72,6 +71,7 @@ class WorkerConfig:
     max_wall_s: float = 600.0
     lag_probe_s: float = 0.01
     tick_s: float = 0.001
+    source_addrs: list[str] = field(default_factory=list)
 
 
 class Peer(WSListener):
@@ -202,8 +202,8 @@ class Generator:
         self.data = Flow()
         self.input = Flow()
         self.heartbeat = Flow()
-        self.lag_us = Histogram()
-        self.lag_max_us = 0
+        self.lag = LoopLagProbe(config.lag_probe_s)
+        self.connections_opened = 0
         self.bad_frames = 0
         self.other_frames = 0
         self.unexpected_disconnects = 0
@@ -257,13 +257,21 @@ class Generator:
             if self._in_window(peer.hb_sent_ns):
                 self.heartbeat.sent_in_window += 1
 
+    def _local_addr(self) -> tuple[str, int] | None:
+        """The next source address (round robin over ``source_addrs``), or None."""
+        addrs = self.config.source_addrs
+        if not addrs:
+            return None
+        self.connections_opened += 1
+        return (addrs[self.connections_opened % len(addrs)], 0)
+
     async def _open_peer(self, session_id: str, token: str, role: str) -> Peer:
         query = f"?session={session_id}" + (f"&token={token}" if token else "")
         started = monotonic_ns()
         _, peer = await ws_connect(
             lambda: Peer(self, role, session_id), self.config.url + query,
             websocket_handshake_timeout=self.config.connect_timeout_s,
-            enable_auto_ping=False, max_frame_size=1 << 17)
+            enable_auto_ping=False, max_frame_size=1 << 17, local_addr=self._local_addr())
         assert isinstance(peer, Peer)
         self.peers.append(peer)
         await asyncio.wait_for(peer.hello_done, self.config.connect_timeout_s)
@@ -322,25 +330,15 @@ class Generator:
             if now >= self.t1:
                 self.sending = False
                 break
+            recording = now >= self.t0
             for wheel in self.wheels:
-                wheel.run_due(now)
+                wheel.run_due(now, recording)
             await asyncio.sleep(self.config.tick_s)
-
-    async def probe_lag(self) -> None:
-        """Measure event-loop scheduling delay; samples inside the window are kept."""
-        interval = self.config.lag_probe_s
-        interval_ns = int(interval * 1e9)
-        while not self.closing:
-            start = monotonic_ns()
-            await asyncio.sleep(interval)
-            end = monotonic_ns()
-            lag = max(0, end - start - interval_ns) // 1000
-            if self.t0 <= start and end < self.t1:
-                self.lag_us.record(lag)
 
     def set_window(self, t0: int, t1: int) -> None:
         """Fix the measured window and schedule the CPU samples at its edges."""
         self.t0, self.t1 = t0, t1
+        self.lag.t0, self.lag.t1 = t0, t1
         loop = asyncio.get_running_loop()
         now = monotonic_ns()
         loop.call_later(max(0.0, (t0 - now) / 1e9), self._mark_cpu, "t0")
@@ -380,15 +378,23 @@ class Generator:
         return {"event": "result", "proc": self.config.proc_index, "pid": os.getpid(),
                 "cpu_s": cpu_s, "window_s": window_s,
                 "cpu_fraction": cpu_s / window_s if window_s > 0 else None,
-                "lag_us": self.lag_us.to_json(), "data": self.data.to_json(),
+                "lag_us": self.lag.lag_us.to_json(),
+                "schedule_lag_us": self._schedule_lag().to_json(), "data": self.data.to_json(),
                 "input": self.input.to_json(), "heartbeat": self.heartbeat.to_json(),
                 "bad_frames": self.bad_frames, "other_frames": self.other_frames,
                 "unexpected_disconnects": self.unexpected_disconnects,
                 "drain_waited_s": drain_waited_s, "errors": dict(self.errors)}
 
+    def _schedule_lag(self) -> Histogram:
+        merged = Histogram()
+        for wheel in self.wheels:
+            merged.merge(wheel.late_us)
+        return merged
+
     async def close_all(self, limit_s: float = 10.0) -> None:
         """Close every connection with 1000 and wait (bounded) until they are gone."""
         self.closing = True
+        self.lag.running = False
         waits = []
         for peer in self.peers:
             if peer.transport is not None and not peer.closed:
@@ -403,11 +409,6 @@ class Generator:
 def _cpu_seconds() -> float:
     t = os.times()
     return t.user + t.system
-
-
-def _emit(event: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(event, separators=(",", ":")) + "\n")
-    sys.stdout.flush()
 
 
 async def _read_commands(reader: asyncio.StreamReader,
@@ -426,23 +427,22 @@ async def _read_commands(reader: asyncio.StreamReader,
 async def run_worker() -> None:
     """Run one generator process, speaking the JSON-lines protocol on stdin/stdout."""
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    reader = await open_stdin()
     config = WorkerConfig(**json.loads(await reader.readline()))
     loop.call_later(config.max_wall_s, os._exit, 3)
     commands: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     command_task = asyncio.ensure_future(_read_commands(reader, commands))
     gen = Generator(config)
-    lag_task = asyncio.ensure_future(gen.probe_lag())
+    lag_task = asyncio.ensure_future(gen.lag.run())
     tick_task = asyncio.ensure_future(gen.tick())
     await gen.connect_all()
-    _emit(gen.connected_report())
+    emit(gen.connected_report())
     command = await commands.get()
     if command.get("cmd") == "window":
         gen.set_window(int(command["t0_ns"]), int(command["t1_ns"]))
         await tick_task
         waited = await gen.drain()
-        _emit(gen.result(waited))
+        emit(gen.result(waited))
     gen.sending = False
     await gen.close_all()
     for task in (lag_task, tick_task, command_task):
@@ -452,8 +452,7 @@ async def run_worker() -> None:
 def main() -> None:
     """Entry point of the child process."""
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_nofile_limit()
     uvloop.run(run_worker())
 
 

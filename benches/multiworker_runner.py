@@ -17,15 +17,14 @@ import os
 import re
 import secrets
 import time
-import traceback
 import urllib.request
 from collections.abc import Callable
 from typing import Any
 
 import psutil
 from bench_host import free_port
-from bench_runner import BenchContext
-from relay_process import RELAYS, RelayProcess
+from bench_runner import BenchContext, note_failure
+from relay_process import RelayProcess, relay_spec
 
 INTAKE_KEYS = ("accepted", "handed_off", "adopted", "handoff_failures")
 _HANDOFF_LINE = re.compile(r'^beach_rescue_handoffs_total\{[^}]*event="([a-z_]+)"[^}]*\} '
@@ -169,7 +168,7 @@ def start_rescue(ctx: BenchContext, relay_name: str, label: str, *,
                  cpus: list[int] | None = None,
                  extra_env: dict[str, str] | None = None) -> RescueRelay:
     """Start a ``rescue*`` relay with an admin listener; wait for health and all workers."""
-    spec = RELAYS[relay_name]
+    spec = relay_spec(relay_name)
     if not spec.name.startswith("rescue"):
         raise ValueError(f"{relay_name} is not a rescue relay")
     if not ctx.kid:
@@ -206,7 +205,7 @@ def with_rescue(ctx: BenchContext, relay_name: str, label: str,
     ``error``, a short traceback and the tail of the relay's log.
     """
     record: dict[str, Any] = {"relay": relay_name, "ok": False,
-                              "workers": RELAYS[relay_name].workers}
+                              "workers": relay_spec(relay_name).workers}
     relay: RescueRelay | None = None
     started = time.monotonic()
     try:
@@ -217,8 +216,7 @@ def with_rescue(ctx: BenchContext, relay_name: str, label: str,
         record["processes"] = relay.process.processes()
         record["ok"] = True
     except Exception as e:
-        record["error"] = f"{type(e).__name__}: {e}"
-        record["traceback"] = traceback.format_exc(limit=6)
+        note_failure(record, e)
         log = ctx.work_dir / f"{label}-{relay_name}.log"
         with contextlib.suppress(OSError):
             record["relay_log_tail"] = "\n".join(

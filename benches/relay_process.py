@@ -1,8 +1,9 @@
 """The relay under test as a pinned child process: start, health check, CPU/RSS probes, stop.
 
-Three relays are known: ``rescue`` (``python -m rescue serve``, the real relay, one worker, tokens
-required), ``rescue2`` (the same with ``--workers 2``: a supervisor and two workers that hand
-foreign sessions to each other) and ``naive`` (:mod:`naive_relay`, the same-run baseline). CPU and
+The relays are ``rescue`` (``python -m rescue serve``, the real relay, one worker, tokens
+required), ``rescue<N>`` (the same with ``--workers N``, e.g. ``rescue2``: a supervisor and N
+workers that hand foreign sessions to each other) and ``naive`` (:mod:`naive_relay`, the same-run
+baseline). CPU and
 memory are summed over the relay's whole process tree (a supervisor and its workers count
 together).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,9 +49,19 @@ class RelaySpec:
         raise ValueError(f"unknown relay {self.name!r}")
 
 
-RELAYS = {"rescue": RelaySpec("rescue", needs_token=True),
-          "rescue2": RelaySpec("rescue2", needs_token=True, workers=2),
-          "naive": RelaySpec("naive", needs_token=False)}
+RELAY_NAMES = "rescue, rescue<N> (N workers, e.g. rescue2, rescue4), naive"
+_RESCUE_N = re.compile(r"rescue([1-9][0-9]?)?")
+
+
+def relay_spec(name: str) -> RelaySpec:
+    """Return the spec of relay ``name``: ``rescue`` (1 worker), ``rescue<N>`` (N workers) or
+    ``naive``; raise KeyError for any other name."""
+    if name == "naive":
+        return RelaySpec("naive", needs_token=False)
+    match = _RESCUE_N.fullmatch(name)
+    if match is None:
+        raise KeyError(f"unknown relay {name!r}; known: {RELAY_NAMES}")
+    return RelaySpec(name, needs_token=True, workers=int(match.group(1) or 1))
 
 
 class RelayStartError(RuntimeError):

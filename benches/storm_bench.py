@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -34,9 +33,16 @@ import zlib
 from typing import Any
 
 import psutil
-from bench_host import ForeignCpu, pin
+from bench_child import Child, kill_all, read_event, reap, send, spawn
+from bench_host import ForeignCpu
 from bench_report import Metric, run_lines, summarize, summary_table, write_result
-from bench_runner import BenchContext, add_common_arguments, alternate, prepare
+from bench_runner import (
+    BenchContext,
+    add_common_arguments,
+    alternate,
+    prepare,
+    result_header,
+)
 from handoff_probe import percentile
 from multiworker_runner import (
     RescueRelay,
@@ -57,11 +63,17 @@ METRICS: list[Metric] = [
     ("back_p50_s", "kill -> peer reconnected p50", "s"),
     ("back_p95_s", "kill -> peer reconnected p95", "s"),
     ("back_max_s", "kill -> peer reconnected max", "s"),
+    ("drop_to_back_p50_s", "drop -> reconnected p50", "s"),
     ("drop_to_back_p95_s", "drop -> reconnected p95", "s"),
+    ("drop_to_back_max_s", "drop -> reconnected max", "s"),
+    ("backoff_p50_ms", "backoff delay drawn p50", "ms"),
+    ("backoff_p95_ms", "backoff delay drawn p95", "ms"),
+    ("backoff_max_ms", "backoff delay drawn max", "ms"),
     ("peers_dropped", "peers dropped", ""),
     ("peers_not_back", "peers not back at the end", ""),
     ("sessions_repaired", "sessions paired again", ""),
-    ("failed_attempts", "failed reconnect attempts", ""),
+    ("failed_reconnects", "failed reconnects (peers or sessions not back; must be 0)", ""),
+    ("failed_attempts", "refused attempts, retried (503 ...)", ""),
     ("attempts", "reconnect attempts", ""),
     ("bystanders_dropped", "bystander sessions dropped", ""),
     ("w1_handed_off", "worker 1: handed to worker 0's inbox", ""),
@@ -73,8 +85,8 @@ METRICS: list[Metric] = [
     ("verified_sessions", "sessions paired in the final check", ""),
     ("foreign_cpu_pct", "other processes' CPU", "% core"),
 ]
-RUN_LINE_KEYS = ["all_paired_s", "back_p95_s", "failed_attempts", "peak_relay_cpu_cores",
-                 "verified_sessions"]
+RUN_LINE_KEYS = ["all_paired_s", "back_p95_s", "failed_reconnects", "failed_attempts",
+                 "peak_relay_cpu_cores", "verified_sessions"]
 
 
 class CpuSampler(threading.Thread):
@@ -134,24 +146,6 @@ def session_sets(prefix: str, victims: int, bystanders: int) -> list[tuple[str, 
     return out
 
 
-async def _event(proc: asyncio.subprocess.Process, expected: str,
-                 limit_s: float) -> dict[str, Any]:
-    assert proc.stdout is not None
-    line = await asyncio.wait_for(proc.stdout.readline(), limit_s)
-    if not line:
-        raise RuntimeError(f"storm generator {proc.pid} exited before {expected!r}")
-    event: dict[str, Any] = json.loads(line)
-    if event.get("event") != expected:
-        raise RuntimeError(f"storm generator {proc.pid}: expected {expected!r}, got {event}")
-    return event
-
-
-async def _send(proc: asyncio.subprocess.Process, message: dict[str, Any]) -> None:
-    assert proc.stdin is not None
-    proc.stdin.write((json.dumps(message) + "\n").encode())
-    await proc.stdin.drain()
-
-
 def _s(ms: float | None) -> float | None:
     return None if ms is None else round(ms / 1000, 3)
 
@@ -160,16 +154,13 @@ async def storm(relay: RescueRelay, record: dict[str, Any], ctx: BenchContext,
                 args: argparse.Namespace, label: str) -> dict[str, Any]:
     """One round: connect, pair, kill worker 0, wait for the storm to settle, verify."""
     sessions = session_sets(label, args.victim_sessions, args.bystander_sessions)
-    procs: list[asyncio.subprocess.Process] = []
+    procs: list[Child] = []
     sampler: CpuSampler | None = None
     try:
         for index in range(args.procs):
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, WORKER, stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, limit=2**26)
+            proc = await spawn(WORKER, ctx.gen_cpus, limit=2**26)
             procs.append(proc)
-            pin(proc.pid, ctx.gen_cpus)
-            await _send(proc, {
+            await send(proc, {
                 "host": "127.0.0.1", "port": relay.port, "proc_index": index,
                 "sessions": [list(s) for s in sessions[index::args.procs]],
                 "token_keys": ctx.key_dir, "kid": ctx.kid,
@@ -177,7 +168,7 @@ async def storm(relay: RescueRelay, record: dict[str, Any], ctx: BenchContext,
                 "storm_timeout_s": args.storm_timeout,
                 "seed": zlib.crc32(f"{label}-{index}".encode()),
                 "max_wall_s": 240 + args.storm_timeout})
-        ready = [await _event(p, "ready", 120) for p in procs]
+        ready = [await read_event(p, "ready", 120) for p in procs]
         record["ready"] = ready
         if not all(r["all_paired"] for r in ready):
             raise RuntimeError(f"not every session paired before the kill: {ready}")
@@ -197,15 +188,15 @@ async def storm(relay: RescueRelay, record: dict[str, Any], ctx: BenchContext,
         kill_ns = time.monotonic_ns()
         os.kill(worker0.pid, signal.SIGKILL)
         for proc in procs:
-            await _send(proc, {"cmd": "storm", "kill_ns": kill_ns})
-        done = [await _event(p, "storm_done", args.storm_timeout + 30) for p in procs]
+            await send(proc, {"cmd": "storm", "kill_ns": kill_ns})
+        done = [await read_event(p, "storm_done", args.storm_timeout + 30) for p in procs]
         storm_wall = (time.monotonic_ns() - kill_ns) / 1e9
         foreign_pct = round(100 * foreign.seconds() / (storm_wall + 0.3), 1)
         sampler.stop_flag.set()
         sampler.join(5)
         for proc in procs:
-            await _send(proc, {"cmd": "verify", "timeout_s": 15})
-        verified = [await _event(p, "verified", 30) for p in procs]
+            await send(proc, {"cmd": "verify", "timeout_s": 15})
+        verified = [await read_event(p, "verified", 30) for p in procs]
         stats = relay.settled_stats()
         record["workers_table"] = stats.get("workers")
         after = intake_by_slot(stats)
@@ -220,21 +211,14 @@ async def storm(relay: RescueRelay, record: dict[str, Any], ctx: BenchContext,
                         for k in before.get(1, {})},
             "new_worker0": after.get(0, {})}
         for proc in procs:
-            await _send(proc, {"cmd": "close"})
-        for proc in procs:
-            try:
-                await asyncio.wait_for(proc.wait(), 20)
-            except TimeoutError:
-                proc.kill()
+            await send(proc, {"cmd": "close"})
+        await reap(procs, 20)
         return storm_metrics(record, done, verified, sampler, kill_ns=kill_ns,
                              foreign_pct=foreign_pct)
     finally:
         if sampler is not None:
             sampler.stop_flag.set()
-        for proc in procs:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        await kill_all(procs)
 
 
 def storm_metrics(record: dict[str, Any], done: list[dict[str, Any]],
@@ -242,6 +226,7 @@ def storm_metrics(record: dict[str, Any], done: list[dict[str, Any]],
                   foreign_pct: float) -> dict[str, Any]:
     """Merge the generators' storm reports and the CPU samples into the run's metrics."""
     paired = [v for d in done for v in d["paired_after_kill_ms"]]
+    backoff = [v for d in done for v in d["backoff_ms"]]
     back = [v for d in done for v in d["back_after_kill_ms"]]
     drop_to_back = [v for d in done for v in d["back_after_drop_ms"]]
     failures: dict[str, int] = {}
@@ -268,7 +253,11 @@ def storm_metrics(record: dict[str, Any], done: list[dict[str, Any]],
         "paired_p50_s": _s(percentile(paired, 50)), "paired_p95_s": _s(percentile(paired, 95)),
         "back_p50_s": _s(percentile(back, 50)), "back_p95_s": _s(percentile(back, 95)),
         "back_max_s": _s(max(back) if back else None),
+        "drop_to_back_p50_s": _s(percentile(drop_to_back, 50)),
         "drop_to_back_p95_s": _s(percentile(drop_to_back, 95)),
+        "drop_to_back_max_s": _s(max(drop_to_back) if drop_to_back else None),
+        "backoff_p50_ms": percentile(backoff, 50), "backoff_p95_ms": percentile(backoff, 95),
+        "backoff_max_ms": max(backoff) if backoff else None, "backoff_draws": len(backoff),
         "peers_dropped": sum(d["peers_dropped"] for d in done),
         "peers_not_back": sum(d["peers_not_back"] for d in done),
         "sessions_repaired": sum(d["sessions_repaired"] for d in done),
@@ -282,12 +271,28 @@ def storm_metrics(record: dict[str, Any], done: list[dict[str, Any]],
         "peak_relay_cpu_cores": round(max(during), 3) if during else None,
         "mean_relay_cpu_cores": round(sum(during) / len(during), 3) if during else None,
         "verified_sessions": sum(v["sessions_paired"] for v in verified),
-        "all_verified": all(v["all_paired"] for v in verified),
-        "all_back": record["storm"]["victims_dropped"] == record["storm"]["victims"]
-        and all(d["peers_not_back"] == 0 for d in done)
-        and sum(d["sessions_repaired"] for d in done) == record["storm"]["sessions_dropped"],
         "foreign_cpu_pct": foreign_pct, "contended": foreign_pct > 10.0,
-    }
+    } | verdict(record["storm"], done, verified)
+
+
+def verdict(storm: dict[str, Any], done: list[dict[str, Any]],
+            verified: list[dict[str, Any]]) -> dict[str, Any]:
+    """Judge a round: every peer back, every dropped session paired again, every session
+    paired in the final check. ``failed_reconnects`` counts the peers and sessions that were
+    not (it must be 0: the round failed otherwise); refused attempts that a retry mended are
+    counted apart (``failed_attempts``)."""
+    not_back = sum(d["peers_not_back"] for d in done)
+    not_repaired = sum(d["sessions_dropped"] - d["sessions_repaired"] for d in done)
+    not_dropped = storm["victims"] - storm["victims_dropped"]
+    not_verified = sum(v["sessions"] - v["sessions_paired"] for v in verified)
+    why = [f"{n} {what}" for n, what in (
+        (not_back, "peers not back"), (not_repaired, "dropped sessions not paired again"),
+        (not_dropped, "victim sessions never dropped (the kill missed them)"),
+        (not_verified, "sessions not paired in the final check")) if n]
+    return {"failed_reconnects": not_back + not_repaired, "all_back": not (not_back
+                                                                          or not_repaired
+                                                                          or not_dropped),
+            "all_verified": not not_verified, "round_failed": "; ".join(why) or None}
 
 
 def main() -> int:
@@ -324,18 +329,16 @@ def main() -> int:
     records = alternate(ctx, run, RUN_LINE_KEYS)
     summary = summarize(records, ctx.relays, METRICS)
     counted = [r for r in records if r.get("ok") and not r.get("discarded")]
-    all_good = bool(counted) and all(r["metrics"]["all_back"] and r["metrics"]["all_verified"]
-                                     for r in counted)
+    failed_rounds = [f"round {r['round']}: {r['metrics']['round_failed']}" for r in counted
+                     if r["metrics"]["round_failed"]]
+    all_good = bool(counted) and not failed_rounds
     pinning = (f"relay tree (supervisor + both workers) on CPU(s) {ctx.relay_cpus or 'any'}, "
                f"generators on CPU(s) {ctx.gen_cpus or 'any'}")
-    payload = {"bench": "storm",
-               "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ctx.started)),
-               "elapsed_s": round(time.time() - ctx.started, 1), "machine": ctx.machine,
-               "config": {"args": vars(args), "runs": ctx.runs, "pinning": pinning,
-                          "relay_env": ctx.relay_env},
-               "summary": summary, "all_back_and_paired_every_round": all_good,
-               "contended": any(r["metrics"].get("contended") for r in counted),
-               "runs": records}
+    payload = result_header("storm", ctx, {"args": vars(args), "pinning": pinning}) | {
+        "summary": summary, "all_back_and_paired_every_round": all_good,
+        "failed_rounds": failed_rounds,
+        "contended": any(r["metrics"].get("contended") for r in counted),
+        "runs": records}
     path = write_result("storm", payload)
     print(f"\nstorm bench: {2 * args.victim_sessions} peers ({args.victim_sessions} sessions) "
           f"on worker 0 SIGKILLed, {args.bystander_sessions} bystander sessions on worker 1, "
@@ -345,6 +348,8 @@ def main() -> int:
     print()
     print(summary_table(summary, ctx.relays, METRICS))
     print(f"\nevery dropped peer back and every session paired, in every round: {all_good}")
+    for line in failed_rounds:
+        print(f"FAILED {line}")
     if payload["contended"]:
         print("WARNING: contended: other processes used more than 10 % of a core in a run")
     print(f"results: {path}")

@@ -10,9 +10,10 @@ Driven by :mod:`storm_bench` over JSON lines on stdin/stdout:
 3. parent -> child: ``{"cmd": "storm", "kill_ns": ...}`` right after it SIGKILLed a worker. Every
    peer whose connection drops (at any time) reconnects with the same token and ``peer_id``,
    with exponential backoff and full jitter: attempt *k* waits ``uniform(0, min(cap, base *
-   2**k))``; an attempt fails on a refusal (e.g. HTTP 503), a reset, a close before the
-   ``server_hello`` or a timeout. The child reports ``{"event": "storm_done", ...}`` once every
-   dropped session is paired again (or at ``storm_timeout_s``).
+   2**k))`` (every delay drawn after the kill is reported); an attempt fails on a refusal
+   (e.g. HTTP 503), a reset, a close before the ``server_hello`` or a timeout. The child
+   reports ``{"event": "storm_done", ...}`` once every dropped session is paired again (or at
+   ``storm_timeout_s``).
 4. ``{"cmd": "verify"}``: every session pairs once more (all of them, dropped or not);
    ``{"event": "verified", ...}``. ``{"cmd": "close"}`` (or EOF) ends the process.
 """
@@ -24,13 +25,12 @@ import contextlib
 import json
 import os
 import random
-import resource
-import sys
 from dataclasses import dataclass, field
 from time import monotonic_ns
 from typing import Any
 
 import uvloop
+from bench_child import emit, open_stdin, raise_nofile_limit
 from bench_tokens import TokenMinter
 from ws_client import HEADER, ResponseHead, WsClient, binary_frame, client_hello, upgrade_request
 
@@ -169,6 +169,8 @@ class Peer:
         cfg = self.gen.cfg
         delay = self.gen.rng.uniform(0, min(cfg.backoff_cap_s,
                                             cfg.backoff_base_s * 2 ** self.attempt))
+        if self.gen.storm_ns:
+            self.gen.backoff_ms.append(round(delay * 1000, 2))
         self.attempt += 1
         asyncio.get_running_loop().call_later(delay, self.start)
 
@@ -270,6 +272,7 @@ class StormGenerator:
         self.storm_failures: dict[str, int] = {}
         self.attempts = 0
         self.storm_attempts = 0
+        self.backoff_ms: list[float] = []  # every backoff delay drawn during the storm
         self.drops = 0
         self.storm_ns = 0
         self.closing = False
@@ -336,27 +339,21 @@ class StormGenerator:
                                    for p in peers for drop, _back in p.back],
             "reconnects_per_peer_max": max((len(p.back) for p in peers), default=0),
             "attempts": self.storm_attempts, "drops": self.drops,
-            "failed_attempts": dict(self.storm_failures),
+            "failed_attempts": dict(self.storm_failures), "backoff_ms": self.backoff_ms,
         }
-
-
-def _emit(event: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(event, separators=(",", ":")) + "\n")
-    sys.stdout.flush()
 
 
 async def main_async() -> None:
     """Speak the JSON-lines protocol of the module docstring."""
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    reader = await open_stdin()
     cfg = StormConfig(**json.loads(await reader.readline()))
     loop.call_later(cfg.max_wall_s, os._exit, 3)
     gen = StormGenerator(cfg)
     start = monotonic_ns()
     await gen.connect_all()
     paired = await gen.wait_all_paired(60.0)
-    _emit({"event": "ready", "proc": cfg.proc_index, "all_paired": paired,
+    emit({"event": "ready", "proc": cfg.proc_index, "all_paired": paired,
            "sessions_paired": sum(1 for s in gen.sessions if s.paired_ns),
            "connect_s": round((monotonic_ns() - start) / 1e9, 3),
            "failed_attempts": dict(gen.failures)})
@@ -368,11 +365,11 @@ async def main_async() -> None:
         if command.get("cmd") == "storm":
             gen.storm_ns = kill_ns = int(command["kill_ns"])
             await _wait_storm(gen, cfg.storm_timeout_s)
-            _emit(gen.storm_report(kill_ns))
+            emit(gen.storm_report(kill_ns))
         elif command.get("cmd") == "verify":
             gen.repair_all()
             ok = await gen.wait_all_paired(float(command.get("timeout_s", 10.0)))
-            _emit({"event": "verified", "proc": cfg.proc_index, "all_paired": ok,
+            emit({"event": "verified", "proc": cfg.proc_index, "all_paired": ok,
                    "sessions_paired": sum(1 for s in gen.sessions if s.paired_ns),
                    "sessions": len(gen.sessions)})
         else:
@@ -402,8 +399,7 @@ async def _wait_storm(gen: StormGenerator, timeout_s: float) -> None:
 
 def main() -> None:
     """Entry point of the child process."""
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_nofile_limit()
     uvloop.run(main_async())
 
 

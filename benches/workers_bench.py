@@ -36,7 +36,7 @@ from multiworker_runner import (
     wait_for_table,
     with_rescue,
 )
-from relay_process import RELAYS
+from relay_process import relay_spec
 
 METRICS: list[Metric] = [
     *relay_bench.METRICS,
@@ -127,7 +127,7 @@ def main() -> int:
         parser.error("workers_bench compares rescue relays only (e.g. rescue2,rescue)")
 
     def run(relay_name: str, label: str) -> dict[str, Any]:
-        workers = RELAYS[relay_name].workers
+        workers = relay_spec(relay_name).workers
         return with_rescue(ctx, relay_name, label,
                            lambda relay, record: measure(relay, record, args, key_dir=ctx.key_dir,
                                                          kid=ctx.kid, label=label,
