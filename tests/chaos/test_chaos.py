@@ -22,8 +22,9 @@ The verdict:
   acknowledged, no channel failed;
 - the token API answered 503 ``store_unavailable`` only while Redis was down (and a
   recovery window after), and issued tokens again within that window;
-- the node is healthy at the end: both slots serve, ``/readyz`` is 200, the store is
-  healthy, the registry lists the node again, and a fresh pair relays.
+- the node is healthy at the end: both slots serve (the stalled worker was kept, the
+  killed ones replaced, no boot loop), ``/readyz`` is 200, the store is healthy, the
+  registry lists the node again, and a fresh pair relays.
 
 Short mode (the default suite): a 30 s window, 1,000 light sessions and 20 SDK pairs.
 ``--chaos-long``: 300 s, 6,000 sessions, 100 pairs. At most a few hundred sessions are
@@ -83,7 +84,7 @@ GIVE_UP_S = 15.0  # a light peer not back this long after a loss has failed to r
 SETTLE_S = 20.0
 SEND_INTERVAL_S = 0.5
 TOKEN_RECOVERY_S = 10.0  # after Redis is back, tokens are issued again within this
-TOKEN_ANSWER_S = 5.0  # every token answer, outage or not (a 2 s stall included)
+TOKEN_ANSWER_S = 8.0  # every token answer, outage or not (a 2 s stall included)
 PROBE_INTERVAL_S = 0.5
 END_WAIT_S = 20.0
 PAIR_MARGIN_S = {False: 30.0, True: 90.0}  # how long past its lifetime a pair may take
@@ -158,8 +159,8 @@ async def pairs_loop(run: Run, relay: RelayProcess, mode: ChaosMode,
 # --- the verdict on the token API ----------------------------------------------------------
 
 
-def check_token_api(run: Run) -> str:
-    """Assert the token API's answers fit the Redis outages; return a summary line."""
+def check_token_api(run: Run) -> None:
+    """Assert the token API's answers fit the Redis outages."""
     killed, restarted = run.faults.times("redis.killed"), run.faults.times("redis.restarted")
     assert len(killed) == len(restarted) == len(run.plan.outages), run.faults.events
     windows = list(zip(killed, restarted, strict=True))
@@ -181,8 +182,6 @@ def check_token_api(run: Run) -> str:
         assert any(p.status == 200 and up <= p.at <= up + TOKEN_RECOVERY_S
                    for p in run.probes), \
             f"no token within {TOKEN_RECOVERY_S}s of Redis' return at {up:.1f}"
-    refused = sum(p.status == 503 for p in run.probes)
-    return f"token probes: {len(run.probes)} ({refused} answered 503 during outages)"
 
 
 # --- the node at the end ----------------------------------------------------------------
@@ -265,9 +264,6 @@ async def test_sessions_survive_chaos(relay_factory: Callable[..., RelayProcess]
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
         elapsed = loop.time() - started_at
-    await assert_node_healthy(relay, redis_server, run)
-    assert run.faults.named("worker.stopped") and run.faults.named("worker.continued")
-
     peers = [p for s in run.sessions for p in s.peers]
     tally = reconnect_tally(peers)
     swallowed = sum(p.swallowed_cancels > 0 for p in peers)
@@ -289,7 +285,8 @@ async def test_sessions_survive_chaos(relay_factory: Callable[..., RelayProcess]
         f"SDK pairs {len(intact)}/{len(run.pairs)} "
         f"intact ({started_in_outage} started while Redis was down), "
         f"{streamed / 2**20:.1f} MiB streamed, {sdk_reconnects} channel reconnects | "
-        f"{check_token_api(run)}")
+        f"token probes: {len(run.probes)} ({sum(p.status == 503 for p in run.probes)} "
+        f"answered 503)")
     print(f"chaos result: {summary}")
     for failure in tally.failures[:10]:
         print(f"failed reconnect: {failure}")
@@ -306,3 +303,6 @@ async def test_sessions_survive_chaos(relay_factory: Callable[..., RelayProcess]
         f"{summary}; {[p.describe() for p in run.pairs if not p.intact]}"
     assert sdk_reconnects > 0, f"no SDK channel was ever disconnected: {summary}"
     assert run.aborts > 0 and len(run.faults.named("worker.killed")) == len(plan.kills)
+    assert run.faults.named("worker.stopped") and run.faults.named("worker.continued")
+    check_token_api(run)
+    await assert_node_healthy(relay, redis_server, run)
