@@ -160,6 +160,13 @@ def _git(*args: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+def code_revision() -> dict[str, Any]:
+    """Return the git revision of the checkout and whether ``rescue/`` or ``supervisor/`` have
+    uncommitted changes (the relay under test is started from the working tree)."""
+    return {"git_revision": _git("rev-parse", "--short", "HEAD"),
+            "git_dirty": bool(_git("status", "--porcelain", "--", "rescue", "supervisor"))}
+
+
 def describe_machine() -> dict[str, Any]:
     """Return CPU model, core count, kernel, limits and library versions."""
     return {
@@ -173,6 +180,5 @@ def describe_machine() -> dict[str, Any]:
                      ("aiohttp", "uvloop", "picows", "psutil", "PyJWT", "aiortc",
                       "cryptography", "beach-rescue")},
         "rlimit_nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
-        "git_revision": _git("rev-parse", "--short", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--", "rescue", "supervisor")),
+        **code_revision(),
     }

@@ -21,6 +21,7 @@ from typing import Any
 
 from bench_host import (
     ForeignCpu,
+    code_revision,
     describe_machine,
     free_port,
     parse_cpus,
@@ -243,8 +244,10 @@ def run_counted(ctx: BenchContext, run: Callable[[str, str], dict[str, Any]], na
         print(f"round {round_no}/{ctx.runs}: {name}{' ' + tag if tag else ''} "
               f"(attempt {attempt}) ...", file=sys.stderr, flush=True)
         quiet = wait_for_quiet(max_wait_s=ctx.quiet_wait_s) if ctx.quiet_wait_s else None
+        code = code_revision()  # other work may commit to the tree while a bench runs
         record = run(name, f"r{round_no}{tag}a{attempt}")
-        record.update(relay=name, round=round_no, attempt=attempt, foreign_cores_before=quiet)
+        record.update(relay=name, round=round_no, attempt=attempt, foreign_cores_before=quiet,
+                      code=code)
         records.append(record)
         contended = record.get("ok") and record["metrics"].get("contended")
         if contended and attempt <= ctx.contended_retries:

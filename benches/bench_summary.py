@@ -115,6 +115,20 @@ def _storm(payload: dict[str, Any]) -> list[str]:
     return out
 
 
+def _revisions(payload: dict[str, Any]) -> list[str]:
+    """The code revisions the counted runs were started from (``+`` marks a modified tree)."""
+    records = [r for key in ("runs", "probe_runs", "accept_runs") for r in payload.get(key, [])]
+    records += [r for rnd in payload.get("rounds", []) for r in rnd["records"]]
+    seen = []
+    for r in records:
+        code = r.get("code")
+        if code and not r.get("discarded"):
+            rev = f"{code['git_revision']}{'+' if code['git_dirty'] else ''}"
+            if rev not in seen:
+                seen.append(rev)
+    return seen
+
+
 def section(path: Path) -> str:
     """Render one result file as a Markdown section."""
     payload = json.loads(path.read_text())
@@ -123,7 +137,13 @@ def section(path: Path) -> str:
     cfg = payload.get("config", {})
     lines.append(f"Started {payload.get('started_utc')}, {payload.get('elapsed_s')} s, "
                  f"{cfg.get('runs')} round(s); relay CPUs {cfg.get('relay_cpus')}, generator "
-                 f"CPUs {cfg.get('gen_cpus')}.\n")
+                 f"CPUs {cfg.get('gen_cpus')}.")
+    revisions = _revisions(payload)
+    if revisions:
+        lines.append(f"Code of the counted runs: {', '.join(revisions)}"
+                     f"{' (the tree changed during the bench)' if len(revisions) > 1 else ''}"
+                     " (`+`: rescue/ or supervisor/ modified).")
+    lines.append("")
     if bench == "capacity":
         lines += _capacity(payload)
     elif bench == "handoff":

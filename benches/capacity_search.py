@@ -183,8 +183,12 @@ def capacity_of(s: RelaySearch, records: list[dict[str, Any]]) -> dict[str, Any]
 def summarize_rounds(rounds: list[dict[str, Any]], relays: list[str]) -> dict[str, Any]:
     """Medians over rounds of each relay's capacity figures, and the ratio first/second."""
     keys = ("sessions_held", "per_core_sessions", "cores_for_target")
-    medians = {relay: {k: median([r["capacity"][relay].get(k) for r in rounds]) for k in keys}
-               for relay in relays}
+    medians: dict[str, dict[str, float | None]] = {}
+    for relay in relays:
+        medians[relay] = {}
+        for k in keys:
+            m = median([r["capacity"][relay].get(k) for r in rounds])
+            medians[relay][k] = None if m is None else round(m, 2)
     ratio: dict[str, float | None] = {}
     if len(relays) >= 2:
         first, second = medians[relays[0]], medians[relays[1]]

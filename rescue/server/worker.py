@@ -53,6 +53,7 @@ log = logging.getLogger("rescue.worker")
 
 BEAT_INTERVAL_S = 1.0
 DRAIN_TICK_S = 0.05
+CANCEL_RETRY_S = 1.0  # at exit, how long a cancelled background task gets before another cancel
 
 
 @dataclass
@@ -246,6 +247,23 @@ def _serve_socket(relay: Relay, deadline: HeaderDeadline, factory: Callable[[], 
     return serve
 
 
+async def _cancel_until_done(*tasks: asyncio.Task[Any]) -> None:
+    """Cancel ``tasks`` and wait until they are done, cancelling again any that went on.
+
+    A cancel can be lost inside a library (the kill-switch poll has been seen to go on
+    after one while Redis was unreachable, inside redis-py's reconnect): a plain cancel
+    and await would then keep the worker from ever exiting.
+    """
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _done, pending = await asyncio.wait(pending, timeout=CANCEL_RETRY_S)
+    for task in tasks:
+        if not task.cancelled():
+            task.result()  # a task that had failed raises its error, as awaiting it would
+
+
 async def run_worker(config: Config, sockets: WorkerSockets, generation: int = 1) -> int:
     """Serve as the worker of ``sockets.slot`` until drained or stopped; return exit status."""
     loop = asyncio.get_running_loop()
@@ -323,11 +341,7 @@ async def run_worker(config: Config, sockets: WorkerSockets, generation: int = 1
     channel.send(control.Ready())
     await _obey(channel, acceptor, relay, config, registration=registration)
     beat()  # the last numbers, so nothing counted since the previous beat is lost
-    for task in (beater, sweeper, pause_watch):
-        task.cancel()
-    for task in (beater, sweeper, pause_watch):
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await _cancel_until_done(beater, sweeper, pause_watch)
     await relay.close_all_wait(config.close_timeout_s + 1)
     if admin_runner is not None:
         await admin_runner.cleanup()

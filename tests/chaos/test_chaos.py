@@ -238,9 +238,12 @@ async def assert_node_healthy(relay: RelayProcess, redis: RedisServer, run: Run)
 # --- the test -----------------------------------------------------------------------------
 
 
-async def test_sessions_survive_chaos(relay_factory: Callable[..., RelayProcess],
-                                      redis_server: RedisServer, key_dir: Path,
-                                      chaos_mode: ChaosMode, chaos_seed: int) -> None:
+async def test_sessions_survive_chaos(redis_server: RedisServer,
+                                      relay_factory: Callable[..., RelayProcess],
+                                      key_dir: Path, chaos_mode: ChaosMode,
+                                      chaos_seed: int) -> None:
+    # redis_server comes first: set up first, torn down last, so the relay stops with its
+    # Redis up (a stop with Redis gone is not what this test is about).
     plan = make_plan(chaos_seed, chaos_mode.chaos)
     print(f"chaos plan: {plan.describe()}")
     relay = relay_factory(**SETTINGS, signing_keys=str(key_dir), redis_url=redis_server.url,
