@@ -114,14 +114,17 @@ def ephemeral_ports() -> int:
 def loopback_sources(connections: int, count: int = -1) -> list[str]:
     """Return the source addresses a generator binds to: 127.0.0.2, 127.0.0.3, ...
 
-    ``count`` -1 picks enough that no address carries more than 70 % of the ephemeral ports
-    (none at all while one address suffices: the kernel's default source, 127.0.0.1); 0 binds
-    none. Linux routes all of 127.0.0.0/8 to the loopback interface, so nothing needs setting
-    up; each address has its own ~28k ports to reach one server port with.
+    ``count`` 0 binds none; -1 binds none while one address suffices (up to 70 % of the
+    ephemeral ports: ``connect()`` picks the port by the whole 4-tuple, cheaply) and otherwise
+    enough addresses that each carries at most a quarter of the ephemeral ports: a ``bind()``
+    to port 0 searches the port range (odd ports first) for a free one, which gets slow, and
+    the generator CPU-bound, as an address fills up. Linux routes all of 127.0.0.0/8 to the
+    loopback interface, so nothing needs setting up; each address has its own ~28k ports to
+    reach one server port with.
     """
     if count < 0:
-        per_address = int(ephemeral_ports() * 0.7)
-        count = 0 if connections <= per_address else -(-connections // per_address)
+        ports = ephemeral_ports()
+        count = 0 if connections <= int(ports * 0.7) else -(-connections // (ports // 4))
     if count > 250:
         raise ValueError("at most 250 loopback source addresses (127.0.0.2-127.0.0.251)")
     return [f"127.0.0.{2 + i}" for i in range(count)]

@@ -43,7 +43,7 @@ from bench_runner import (
     with_relay,
 )
 from bench_tokens import TokenMinter
-from loadgen import LoadConfig, run_load
+from loadgen import CPU_BOUND_FRACTION, LoadConfig, run_load
 from relay_process import RelayProcess
 
 METRICS: list[Metric] = [
@@ -51,6 +51,7 @@ METRICS: list[Metric] = [
     ("connections_failed", "connections failed", ""),
     ("connect_per_s", "connect rate", "conn/s"),
     ("connect_p95_ms", "connect + hello p95", "ms"),
+    ("connect_gen_cpu_fraction", "generator CPU while connecting", "of its CPUs"),
     ("rss_before_mib", "relay RSS before", "MiB"),
     ("rss_held_mib", "relay RSS held", "MiB"),
     ("rss_per_conn_kib", "relay RSS per connection", "KiB"),
@@ -109,11 +110,17 @@ def idle_metrics(load: dict[str, Any], sampler: RelaySampler, rss_before: int) -
     connect = load["connect"]
     grown = marks["rss_end"] - rss_before
     connect_cpu = marks["cpu_connected"] - marks["cpu_before"]
+    # the generators' CPU while connecting, of their CPUs: near 1, they set the connect rate
+    gen_cores = len(load["config"]["gen_cpus"]) or os.cpu_count() or 1
+    connect_gen = round(connect["generator_cpu_s"] / connect["span_s"] / gen_cores, 3) \
+        if connect["span_s"] else None
     return {
         "connections_open": open_conns,
         "connections_failed": 2 * connect["sessions_failed"],
         "connect_per_s": connect["connections_per_s"],
         "connect_p95_ms": connect["latency_ms"]["p95"],
+        "connect_gen_cpu_fraction": connect_gen,
+        "connect_generator_bound": connect_gen is not None and connect_gen > CPU_BOUND_FRACTION,
         "connect_cpu_us": round(connect_cpu * 1e6 / connect["connections_ok"], 1)
         if connect["connections_ok"] else None,
         "rss_before_mib": round(rss_before / 2**20, 2),

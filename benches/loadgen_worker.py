@@ -1,20 +1,10 @@
 """One load-generator process: pairs of picows clients (host + participant) on uvloop.
 
-The parent (:mod:`loadgen`) starts this file as a child process and talks to it in JSON lines:
-
-1. parent -> child: the configuration (see :class:`WorkerConfig`).
-2. child -> parent: ``{"event": "connected", ...}`` once every session of this process has
-   connected and exchanged hellos (or failed). Traffic starts per session as soon as it is ready.
-3. parent -> child: ``{"cmd": "window", "t0_ns": ..., "t1_ns": ...}``, the measured window in
-   ``time.monotonic_ns()`` (CLOCK_MONOTONIC is shared by every process of the machine).
-4. At ``t1`` the child stops sending, waits up to ``drain_s`` for frames still in flight, sends
-   ``{"event": "result", ...}`` and closes its connections. ``{"cmd": "abort"}`` or EOF on stdin
-   ends it early; ``max_wall_s`` bounds its life in any case.
-
-A frame counts as *sent in the window* when its send time lies in [t0, t1); it counts as
-*delivered* when its embedded send timestamp lies in that window, whenever it arrives before the
-drain ends; latency samples are those delivered frames. *Received in window* counts frames by
-arrival time (the relay's work during the window, the denominator of CPU per message).
+The parent (:mod:`loadgen`) starts this file as a child process and drives it over JSON lines
+(:mod:`loadgen_process` has the protocol, the window bookkeeping and the reports). Each session is
+a host and a participant speaking the relay protocol: both send the ``client_hello`` and wait for
+``server_hello``; the host then sends data frames, the participant input frames back, both
+heartbeats. Every frame carries its send time (``monotonic_ns``) after the 8-byte header.
 """
 
 from __future__ import annotations
@@ -27,51 +17,18 @@ import logging
 import os
 import struct
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from time import monotonic_ns
-from typing import Any
 
 import uvloop
-from bench_child import emit, open_stdin, raise_nofile_limit
+from bench_child import raise_nofile_limit
 from bench_tokens import TokenMinter
-from latency_histogram import Histogram
-from loadgen_traffic import NEVER, Flow, LoopLagProbe, RateWheel
+from loadgen_process import GeneratorCore, WorkerConfig, run_generator
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 HEADER = struct.Struct(">BBHI")
 HEADER_TS = struct.Struct(">BBHIQ")
 KIND_DATA = 1
 KIND_HEARTBEAT = 2
-MAX_DISTINCT_ERRORS = 20
-
-
-@dataclass
-class WorkerConfig:
-    """Everything one generator process needs; sent by the parent as one JSON line."""
-
-    url: str
-    proc_index: int
-    procs: int
-    total_sessions: int
-    session_prefix: str
-    start_ns: int
-    ramp_sessions_per_s: float = 500.0
-    connect_concurrency: int = 100
-    connect_timeout_s: float = 10.0
-    connect_phase_timeout_s: float = 120.0
-    data_rate: float = 16.0
-    data_bytes: int = 4096
-    input_rate: float = 2.0
-    input_bytes: int = 64
-    heartbeat_s: float = 15.0
-    drain_s: float = 3.0
-    token_keys: str = ""
-    kid: str = ""
-    max_wall_s: float = 600.0
-    lag_probe_s: float = 0.01
-    tick_s: float = 0.001
-    source_addrs: list[str] = field(default_factory=list)
 
 
 class Peer(WSListener):
@@ -157,8 +114,7 @@ class Peer(WSListener):
                 hb.received_in_window += 1
         else:
             gen.other_frames += 1
-        if not gen.sending and not gen.in_flight():
-            gen.drained.set()
+        gen.note_received()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         """Record an unexpected disconnect (one the generator did not ask for)."""
@@ -189,72 +145,35 @@ class Peer(WSListener):
         return now
 
 
-class Generator:
-    """Runs the sessions of one process through connect, traffic, window and drain."""
+class Generator(GeneratorCore):
+    """The sessions of one process: picows host and participant pairs."""
 
     def __init__(self, config: WorkerConfig) -> None:
-        self.config = config
-        self.t0 = NEVER
-        self.t1 = NEVER
-        self.closing = False
-        self.sending = True
-        self.drained = asyncio.Event()
-        self.data = Flow()
-        self.input = Flow()
-        self.heartbeat = Flow()
-        self.lag = LoopLagProbe(config.lag_probe_s)
+        super().__init__(config)
         self.connections_opened = 0
-        self.bad_frames = 0
-        self.other_frames = 0
-        self.unexpected_disconnects = 0
-        self.errors: dict[str, int] = {}
         self.peers: list[Peer] = []
-        self.connect_us = Histogram()
-        self.sessions_ok = 0
-        self.sessions_failed = 0
-        self.first_connect_ns = 0
-        self.last_ready_ns = 0
-        self.cpu_marks: dict[str, float] = {}
         self.data_template = bytearray(os.urandom(8 + max(8, config.data_bytes)))
         self.input_template = bytearray(os.urandom(8 + max(8, config.input_bytes)))
         self.hb_template = bytearray(16)
-        tick_ns = int(config.tick_s * 1e9)
-        self.wheels: list[RateWheel] = []
-        self.data_wheel = self._wheel(config.data_rate, tick_ns, self._send_data)
-        self.input_wheel = self._wheel(config.input_rate, tick_ns, self._send_input)
-        self.hb_wheel = self._wheel(1.0 / config.heartbeat_s if config.heartbeat_s > 0 else 0,
-                                    tick_ns, self._send_heartbeat)
-
-    def _wheel(self, rate: float, tick_ns: int,
-               action: Callable[[Any], None]) -> RateWheel | None:
-        if rate <= 0:
-            return None
-        wheel = RateWheel(int(1e9 / rate), tick_ns, action)
-        self.wheels.append(wheel)
-        return wheel
-
-    def count_error(self, message: str) -> None:
-        """Count an error by its message (a bounded number of distinct messages)."""
-        if message in self.errors or len(self.errors) < MAX_DISTINCT_ERRORS:
-            self.errors[message] = self.errors.get(message, 0) + 1
-
-    def _in_window(self, t: int) -> bool:
-        return self.t0 <= t < self.t1
+        self.data_wheel = self.add_wheel(config.data_rate, self._send_data)
+        self.input_wheel = self.add_wheel(config.input_rate, self._send_input)
+        self.hb_wheel = self.add_wheel(1.0 / config.heartbeat_s if config.heartbeat_s > 0 else 0,
+                                       self._send_heartbeat)
 
     def _send_data(self, peer: Peer) -> None:
         if (not peer.closed and self.sending
-                and self._in_window(peer.send_frame(KIND_DATA, self.data_template))):
+                and self.in_window(peer.send_frame(KIND_DATA, self.data_template))):
             self.data.sent_in_window += 1
 
     def _send_input(self, peer: Peer) -> None:
         if (not peer.closed and self.sending
-                and self._in_window(peer.send_frame(KIND_DATA, self.input_template))):
+                and self.in_window(peer.send_frame(KIND_DATA, self.input_template))):
             self.input.sent_in_window += 1
 
     def _send_heartbeat(self, peer: Peer) -> None:
         if not peer.closed and self.sending:
             peer.hb_sent_ns = peer.send_frame(KIND_HEARTBEAT, self.hb_template)
-            if self._in_window(peer.hb_sent_ns):
+            if self.in_window(peer.hb_sent_ns):
                 self.heartbeat.sent_in_window += 1
 
     def _local_addr(self) -> tuple[str, int] | None:
@@ -311,90 +230,13 @@ class Generator:
         cfg = self.config
         minter = TokenMinter(cfg.token_keys, cfg.kid) if cfg.token_keys else None
         gate = asyncio.Semaphore(cfg.connect_concurrency)
-        tasks = [asyncio.ensure_future(self._open_session(i, minter, gate))
-                 for i in range(cfg.proc_index, cfg.total_sessions, cfg.procs)]
-        cpu_before = _cpu_seconds()
-        _, pending = await asyncio.wait(tasks, timeout=cfg.connect_phase_timeout_s)
-        for task in pending:
-            task.cancel()
-        if pending:
-            self.count_error(f"connect phase timed out with {len(pending)} sessions pending")
-            self.sessions_failed += len(pending)
-            await asyncio.wait(pending, timeout=5)
-        self.cpu_marks["connect"] = _cpu_seconds() - cpu_before
+        await self.gather_sessions([asyncio.ensure_future(self._open_session(i, minter, gate))
+                                    for i in range(cfg.proc_index, cfg.total_sessions,
+                                                   cfg.procs)])
 
-    async def tick(self) -> None:
-        """Drive the send wheels every ``tick_s`` until the window ends."""
-        while self.sending:
-            now = monotonic_ns()
-            if now >= self.t1:
-                self.sending = False
-                break
-            recording = now >= self.t0
-            for wheel in self.wheels:
-                wheel.run_due(now, recording)
-            await asyncio.sleep(self.config.tick_s)
-
-    def set_window(self, t0: int, t1: int) -> None:
-        """Fix the measured window and schedule the CPU samples at its edges."""
-        self.t0, self.t1 = t0, t1
-        self.lag.t0, self.lag.t1 = t0, t1
-        loop = asyncio.get_running_loop()
-        now = monotonic_ns()
-        loop.call_later(max(0.0, (t0 - now) / 1e9), self._mark_cpu, "t0")
-        loop.call_later(max(0.0, (t1 - now) / 1e9), self._mark_cpu, "t1")
-
-    def _mark_cpu(self, name: str) -> None:
-        self.cpu_marks[name] = _cpu_seconds()
-        self.cpu_marks[name + "_ns"] = monotonic_ns()
-
-    def in_flight(self) -> bool:
-        """Tell whether frames sent in the window are still unaccounted for."""
-        return (self.data.delivered_in_window < self.data.sent_in_window
-                or self.input.delivered_in_window < self.input.sent_in_window
-                or self.heartbeat.delivered_in_window < self.heartbeat.sent_in_window)
-
-    async def drain(self) -> float:
-        """Wait (bounded by ``drain_s``) for in-flight frames; return the seconds waited."""
-        start = monotonic_ns()
-        if self.in_flight():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.drained.wait(), self.config.drain_s)
-        return (monotonic_ns() - start) / 1e9
-
-    def connected_report(self) -> dict[str, Any]:
-        """Return the ``connected`` event sent to the parent."""
-        return {"event": "connected", "proc": self.config.proc_index,
-                "sessions_ok": self.sessions_ok, "sessions_failed": self.sessions_failed,
-                "first_connect_ns": self.first_connect_ns, "last_ready_ns": self.last_ready_ns,
-                "cpu_connect_s": self.cpu_marks.get("connect", 0.0),
-                "connect_us": self.connect_us.to_json(), "errors": dict(self.errors)}
-
-    def result(self, drain_waited_s: float) -> dict[str, Any]:
-        """Return the ``result`` event sent to the parent."""
-        marks = self.cpu_marks
-        window_s = (marks.get("t1_ns", 0) - marks.get("t0_ns", 0)) / 1e9
-        cpu_s = marks.get("t1", 0.0) - marks.get("t0", 0.0)
-        return {"event": "result", "proc": self.config.proc_index, "pid": os.getpid(),
-                "cpu_s": cpu_s, "window_s": window_s,
-                "cpu_fraction": cpu_s / window_s if window_s > 0 else None,
-                "lag_us": self.lag.lag_us.to_json(),
-                "schedule_lag_us": self._schedule_lag().to_json(), "data": self.data.to_json(),
-                "input": self.input.to_json(), "heartbeat": self.heartbeat.to_json(),
-                "bad_frames": self.bad_frames, "other_frames": self.other_frames,
-                "unexpected_disconnects": self.unexpected_disconnects,
-                "drain_waited_s": drain_waited_s, "errors": dict(self.errors)}
-
-    def _schedule_lag(self) -> Histogram:
-        merged = Histogram()
-        for wheel in self.wheels:
-            merged.merge(wheel.late_us)
-        return merged
-
-    async def close_all(self, limit_s: float = 10.0) -> None:
+    async def close_all(self) -> None:
         """Close every connection with 1000 and wait (bounded) until they are gone."""
-        self.closing = True
-        self.lag.running = False
+        await super().close_all()
         waits = []
         for peer in self.peers:
             if peer.transport is not None and not peer.closed:
@@ -403,57 +245,14 @@ class Generator:
                     peer.transport.disconnect()
                 waits.append(peer.transport.wait_disconnected())
         if waits:
-            await asyncio.wait([asyncio.ensure_future(w) for w in waits], timeout=limit_s)
-
-
-def _cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-async def _read_commands(reader: asyncio.StreamReader,
-                         commands: asyncio.Queue[dict[str, Any]]) -> None:
-    """Queue the parent's commands; exit at once on EOF or ``abort`` (the parent is gone)."""
-    while True:
-        line = await reader.readline()
-        if not line:
-            os._exit(4)
-        command = json.loads(line)
-        if command.get("cmd") == "abort":
-            os._exit(5)
-        await commands.put(command)
-
-
-async def run_worker() -> None:
-    """Run one generator process, speaking the JSON-lines protocol on stdin/stdout."""
-    loop = asyncio.get_running_loop()
-    reader = await open_stdin()
-    config = WorkerConfig(**json.loads(await reader.readline()))
-    loop.call_later(config.max_wall_s, os._exit, 3)
-    commands: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    command_task = asyncio.ensure_future(_read_commands(reader, commands))
-    gen = Generator(config)
-    lag_task = asyncio.ensure_future(gen.lag.run())
-    tick_task = asyncio.ensure_future(gen.tick())
-    await gen.connect_all()
-    emit(gen.connected_report())
-    command = await commands.get()
-    if command.get("cmd") == "window":
-        gen.set_window(int(command["t0_ns"]), int(command["t1_ns"]))
-        await tick_task
-        waited = await gen.drain()
-        emit(gen.result(waited))
-    gen.sending = False
-    await gen.close_all()
-    for task in (lag_task, tick_task, command_task):
-        task.cancel()
+            await asyncio.wait([asyncio.ensure_future(w) for w in waits], timeout=10.0)
 
 
 def main() -> None:
     """Entry point of the child process."""
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
     raise_nofile_limit()
-    uvloop.run(run_worker())
+    uvloop.run(run_generator(lambda raw: Generator(WorkerConfig(**raw))))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import struct
 
+OP_CONTINUATION = 0x0
 OP_TEXT = 0x1
 OP_BINARY = 0x2
+OP_CLOSE = 0x8
 OP_PING = 0x9
 OP_PONG = 0xA
 
@@ -64,3 +66,17 @@ def control_frame(opcode: int, payload: bytes = b"") -> bytes:
     if len(payload) > 125:
         raise ValueError("control frame payload over 125 bytes")
     return bytes((_FIN | opcode, len(payload))) + payload
+
+
+_CLOSE_CODE = struct.Struct(">H").pack
+
+
+def close_frame(code: int | None, reason: bytes = b"") -> bytes:
+    """Return a close frame carrying ``code`` and ``reason`` (no payload when ``code`` is None).
+
+    The reason is cut so the payload stays within a control frame's 125 bytes.
+    """
+    if code is None:
+        return bytes((_FIN | OP_CLOSE, 0))
+    payload = _CLOSE_CODE(code) + reason[:123]
+    return bytes((_FIN | OP_CLOSE, len(payload))) + payload
