@@ -24,6 +24,17 @@ FAST_SETTINGS: dict[str, Any] = {
 }
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Register the chaos options here, not in tests/chaos/conftest.py (which uses them):
+    an option defined in a subdirectory's conftest is unknown unless that directory is
+    named on the command line, so ``pytest tests --chaos-long`` would be refused."""
+    group = parser.getgroup("chaos", "chaos and soak tests (tests/chaos)")
+    group.addoption("--chaos-long", action="store_true", default=False,
+                    help="run the long chaos run (5 min) and the 30-minute soak")
+    group.addoption("--chaos-seed", type=int, default=None,
+                    help="seed of the chaos schedule (default: a fresh one, printed)")
+
+
 @pytest.fixture(scope="session")
 def key_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("keys")

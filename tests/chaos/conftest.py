@@ -1,9 +1,9 @@
 """Chaos and soak tests: a short version in the default suite, ``--chaos-long`` for the
-long one (``pytest tests/chaos --chaos-long``; the option belongs to this directory, so
-name the directory, or a file in it, on the command line).
+long one (``pytest tests/chaos --chaos-long``, or ``pytest tests --chaos-long``).
 
 ``--chaos-seed N`` replays a chaos run's schedule; without it a fresh seed is drawn and
-printed (pytest shows it with the output of a failed test).
+printed (pytest shows it with the output of a failed test). Both options are registered
+in tests/conftest.py, so that they are known whichever path under tests/ is given.
 """
 
 from __future__ import annotations
@@ -54,14 +54,6 @@ LONG = ChaosMode(
     soak_s=1800.0, soak_warmup_s=120.0, soak_sample_every_s=10.0,
     soak_sessions_per_worker=60, soak_session_lifetime_s=(2.0, 20.0),
     soak_sdk_pairs_per_worker=2, soak_sdk_bytes=1 << 20)
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("chaos", "chaos and soak tests (tests/chaos)")
-    group.addoption("--chaos-long", action="store_true", default=False,
-                    help="run the long chaos run (5 min) and the 30-minute soak")
-    group.addoption("--chaos-seed", type=int, default=None,
-                    help="seed of the chaos schedule (default: a fresh one, printed)")
 
 
 def pytest_configure(config: pytest.Config) -> None:

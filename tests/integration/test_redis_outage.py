@@ -5,6 +5,10 @@ While Redis is down (SIGKILL) the token API answers 503 ``store_unavailable`` wi
 reports the store unhealthy, and the relay itself keeps relaying: open sessions go on
 and new peers still join. When Redis comes back on the same port the API recovers by
 itself, within a bounded time, without a restart of the relay.
+
+Every test asks for ``redis_server`` before ``relay_factory``: pytest tears fixtures down
+in reverse order of setup, so the (restarted) Redis outlives the relays it serves and a
+relay does not spend its shutdown on a dead store.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ async def store_health(http: aiohttp.ClientSession, relay: RelayProcess) -> set[
 
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_outage_refuses_tokens_keeps_relaying_and_recovers(
-        relay_factory: RelayFactory, key_dir: Path, redis_server: RedisServer,
+        redis_server: RedisServer, relay_factory: RelayFactory, key_dir: Path,
         fresh_http: aiohttp.ClientSession, workers: int) -> None:
     relay = start(relay_factory, key_dir, redis_server, workers=workers)
     http = fresh_http
@@ -112,7 +116,7 @@ async def _health_is(http: aiohttp.ClientSession, relay: RelayProcess, want: set
 
 
 async def test_fail_open_issues_uncounted_tokens_during_the_outage(
-        relay_factory: RelayFactory, key_dir: Path, redis_server: RedisServer,
+        redis_server: RedisServer, relay_factory: RelayFactory, key_dir: Path,
         fresh_http: aiohttp.ClientSession) -> None:
     relay = start(relay_factory, key_dir, redis_server, workers=1, store_fail_open=True)
     http = fresh_http

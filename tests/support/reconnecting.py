@@ -10,6 +10,12 @@ exactly what "no failed reconnect" means for it.
 
 Other closes (e.g. 4004 REPLACED, 4003 SESSION_FULL) end the peer: they are not a
 restart and the test should see them (:attr:`ReconnectingPeer.ended`).
+
+:meth:`ReconnectingPeer.stop` cancels the peer's task and waits at most
+:data:`STOP_TIMEOUT_S` for it. The task never swallows that cancel: it waits for its
+cancelled sender with :func:`asyncio.wait` (which does not raise the sender's
+``CancelledError``), and wherever an error caught on the way could be a cancel in disguise
+it checks ``current_task().cancelling()`` and lets the cancel through.
 """
 
 from __future__ import annotations
@@ -28,6 +34,16 @@ from tests.support.client import RECEIVE_TIMEOUT_S, client_hello, open_ws
 
 RESTART_CLOSE = 1012
 POLL_INTERVAL_S = 0.02
+STOP_TIMEOUT_S = 10.0  # > the 5 s a cancelled join may spend closing its half-open socket
+CLOSE_TIMEOUT_S = 5.0
+
+
+def _raise_if_cancelled() -> None:
+    """Re-raise a cancel of the current task that something on the way turned into an
+    error or a return (the task's ``cancelling()`` count stays up until it ends)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def unlimited_http() -> aiohttp.ClientSession:
@@ -66,6 +82,8 @@ class ReconnectingPeer:
     loss (plus the honoured delay) stops and records the reconnect as failed.
     """
 
+    stop_timeout_s: float = STOP_TIMEOUT_S  # how long stop() waits for the cancelled task
+
     def __init__(self, http: aiohttp.ClientSession, relay: Any, session_id: str, role: str,
                  peer_id: str, *, send_interval_s: float = 0.1, retry_s: float = 0.05,
                  give_up_s: float = 10.0) -> None:
@@ -99,15 +117,26 @@ class ReconnectingPeer:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        """Stop exchanging and close the connection."""
+        """Cancel the exchange, wait up to :attr:`stop_timeout_s` for it to end, and close
+        the connection. Raises TimeoutError if the task is still running then, or the
+        exception the task ended with (a bug in the peer); a cancel of the caller is never
+        swallowed."""
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._ws is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._ws.close(), 5.0)
+        task = self._task
+        try:
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=self.stop_timeout_s)
+            if task is not None and not task.done():
+                raise TimeoutError(f"{self.peer_id}: task still running {self.stop_timeout_s}s "
+                                   f"after its cancel: {describe(self)}")
+            if task is not None and not task.cancelled():
+                task.result()  # re-raise what ended it, if anything did
+        finally:  # also when the caller is cancelled while waiting
+            if self._ws is not None:
+                with contextlib.suppress(Exception):  # not CancelledError: not swallowed
+                    async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                        await self._ws.close()
 
     @property
     def connected(self) -> bool:
@@ -159,6 +188,7 @@ class ReconnectingPeer:
             else:
                 record.joined_at = loop.time()
                 return ws
+            _raise_if_cancelled()  # the failure may have been our cancel, turned into an error
             if loop.time() >= deadline:
                 record.gave_up = True
                 return None
@@ -174,10 +204,12 @@ class ReconnectingPeer:
                 cause, delay_ms, restart = await self._receive_loop(ws)
             except Exception as e:  # a bug in the peer or garbage from the relay: say so
                 cause, delay_ms, restart = f"receive failed: {e!r}", 0, False
-            finally:
-                sender.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sender
+            except BaseException:  # our cancel: end the sender, let the cancel through
+                await _end_sender(sender)
+                raise
+            if (error := await _end_sender(sender)) is not None:  # a cancel here propagates
+                raise error  # the sender failed: a bug in the peer
+            _raise_if_cancelled()
             if not restart:
                 self.ended = cause
                 return
@@ -220,6 +252,15 @@ class ReconnectingPeer:
                 if self._stopping:
                     return "stopped", 0, False
                 return f"dropped ({msg.type.name}, code {code})", 0, True
+
+
+async def _end_sender(sender: asyncio.Task[None]) -> BaseException | None:
+    """Cancel ``sender``, wait for it to end and return what it failed with (None if it
+    was cancelled or returned). ``asyncio.wait`` never raises the sender's
+    ``CancelledError``, so only a cancel of the *waiting* task propagates from here."""
+    sender.cancel()
+    await asyncio.wait({sender})
+    return None if sender.cancelled() else sender.exception()
 
 
 class Swarm:
