@@ -98,6 +98,26 @@ class _NoopSpan:
     def set_attribute(self, key: str, value: AttributeValue) -> None:
         """Do nothing."""
 
+    def end(self) -> None:
+        """Do nothing."""
+
+    def child(self, name: str, **attrs: AttributeValue) -> _NoopSpan:
+        """Itself: children of a disabled span are disabled too."""
+        return self
+
+
+class OpenSpan(Protocol):
+    """A span that outlives any one ``with`` block (a connection's): ended explicitly."""
+
+    def set_attribute(self, key: str, value: AttributeValue) -> None:
+        """Set one attribute (dropped unless its name is in :data:`ATTRIBUTES`)."""
+
+    def end(self) -> None:
+        """End the span (once)."""
+
+    def child(self, name: str, **attrs: AttributeValue) -> SpanScope:
+        """A ``with`` scope for a span whose parent is this one."""
+
 
 NOOP_SPAN = _NoopSpan()
 
@@ -117,6 +137,20 @@ def span(name: str, **attrs: AttributeValue) -> SpanScope:
     return _RecordingSpan(tracer, name, attrs)
 
 
+def start_span(name: str, **attrs: AttributeValue) -> OpenSpan:
+    """Start a span named ``name`` that is not made current; the caller must :meth:`end` it.
+
+    For work that is not one ``with`` block (a connection served by callbacks). With
+    tracing off this is :data:`NOOP_SPAN`.
+    """
+    tracer = _tracer
+    if tracer is None:
+        return NOOP_SPAN
+    return _DetachedSpan(tracer, tracer.start_span(name, attributes=_allowed(attrs),
+                                                   record_exception=False,
+                                                   set_status_on_exception=False))
+
+
 def enabled() -> bool:
     """True once :func:`setup_tracing` turned tracing on in this process."""
     return _tracer is not None
@@ -127,17 +161,23 @@ class _RecordingSpan:
 
     __slots__ = ("_attrs", "_name", "_scope", "_span", "_tracer")
 
-    def __init__(self, tracer: Tracer, name: str, attrs: Mapping[str, AttributeValue]) -> None:
+    def __init__(self, tracer: Tracer, name: str, attrs: Mapping[str, AttributeValue],
+                 parent: Any = None) -> None:
         self._tracer = tracer
         self._name = name
         self._attrs = attrs
-        self._scope: Any = None
+        self._scope: Any = parent  # the parent span until entered
         self._span: Any = None
 
     def __enter__(self) -> _RecordingSpan:
+        context = None
+        if self._scope is not None:
+            from opentelemetry.trace import set_span_in_context  # noqa: PLC0415
+
+            context = set_span_in_context(self._scope)
         self._scope = self._tracer.start_as_current_span(
-            self._name, attributes=_allowed(self._attrs), record_exception=False,
-            set_status_on_exception=False)
+            self._name, context=context, attributes=_allowed(self._attrs),
+            record_exception=False, set_status_on_exception=False)
         self._span = self._scope.__enter__()
         return self
 
@@ -155,6 +195,30 @@ class _RecordingSpan:
         clean = _allowed({key: value})
         if clean:
             self._span.set_attributes(clean)
+
+
+class _DetachedSpan:
+    """A live OpenTelemetry span that is not current anywhere (see :func:`start_span`)."""
+
+    __slots__ = ("_span", "_tracer")
+
+    def __init__(self, tracer: Tracer, span: Any) -> None:
+        self._tracer = tracer
+        self._span = span
+
+    def set_attribute(self, key: str, value: AttributeValue) -> None:
+        """Set ``beach_rescue.<key>`` if ``key`` and ``value`` pass the filter."""
+        clean = _allowed({key: value})
+        if clean:
+            self._span.set_attributes(clean)
+
+    def end(self) -> None:
+        """End the span."""
+        self._span.end()
+
+    def child(self, name: str, **attrs: AttributeValue) -> SpanScope:
+        """A ``with`` scope for a child span of this one."""
+        return _RecordingSpan(self._tracer, name, attrs, parent=self._span)
 
 
 def _allowed(attrs: Mapping[str, object]) -> dict[str, AttributeValue]:

@@ -1,26 +1,24 @@
 """One joined WebSocket connection as the relay sees it: writes, drain waits, close.
 
-A :class:`Peer` wraps the aiohttp ``WebSocketResponse`` and its transport. Forwarded
-frames are written straight to the transport (see :mod:`rescue.wsframe`); the transport's
-write-buffer limits are set to the relay's high/low water marks so ``writing_paused``
-tells whether senders must wait for this peer.
+A :class:`Peer` is a session member on a :class:`~rescue.server.connection.WsConnection`.
+Forwarded frames are written straight to the transport (see :mod:`rescue.wsframe`); the
+transport's write-buffer limits are set to the relay's high/low water marks so the
+connection's ``writing_paused`` tells whether senders must wait for this peer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-from aiohttp.base_protocol import BaseProtocol
-
+from rescue import tracing
 from rescue.codes import CloseCode
 from rescue.ratelimit import ConnectionRateLimit
 from rescue.sessions import Member, Role, Session
 from rescue.wsframe import OP_PING, OP_PONG, binary_frame, control_frame, text_frame
 
 if TYPE_CHECKING:
+    from rescue.server.connection import WsConnection
     from rescue.server.relay import Relay
 
 
@@ -30,21 +28,21 @@ class Peer:
     # One per connection: slots only, and nothing the other attributes already reach
     # (a cached bound method would cost 64 bytes per connection).
     __slots__ = (
-        "_close_task", "_release", "close_code", "closing", "connection_id",
+        "_close_task", "close_code", "closing", "conn", "connection_id",
         "data_msgs", "held", "is_host", "member", "missed", "paused_since", "peer_id",
-        "protocol", "rate", "relay", "role", "rx_bytes", "rx_msgs", "seen_data",
-        "seen_data_at", "seen_rx", "session", "telemetry", "transport",
-        "tx_bytes", "tx_msgs", "ws",
+        "rate", "relay", "role", "rx_bytes", "rx_msgs", "seen_data",
+        "seen_data_at", "seen_rx", "session", "telemetry", "trace", "transport",
+        "tx_bytes", "tx_msgs",
     )
 
-    def __init__(self, relay: Relay, ws: web.WebSocketResponse, transport: asyncio.Transport,
-                 protocol: BaseProtocol, *, role: Role, peer_id: str, connection_id: str,
-                 session: Session[Peer], rate: ConnectionRateLimit, now: float,
-                 telemetry: bool = False) -> None:
+    def __init__(self, relay: Relay, conn: WsConnection, *, role: Role, peer_id: str,
+                 connection_id: str, session: Session[Peer], rate: ConnectionRateLimit,
+                 now: float, telemetry: bool = False,
+                 trace: tracing.OpenSpan = tracing.NOOP_SPAN) -> None:
         self.relay = relay
-        self.ws = ws
-        self.transport = transport
-        self.protocol = protocol
+        self.conn = conn
+        self.transport = transport = conn.transport
+        self.trace = trace  # the connection's span, ended when it closes
         self.role = role
         self.is_host = role == "host"
         self.peer_id = peer_id
@@ -60,7 +58,6 @@ class Peer:
         self.seen_data_at = now
         self.paused_since: float | None = None
         self._close_task: asyncio.Task[None] | None = None
-        self._release: asyncio.Future[None] | None = None
         self.held = False  # the relay stopped reading this peer (its receivers are full)
         high = relay.config.write_high_water_bytes
         transport.set_write_buffer_limits(high=high, low=relay.config.write_low_water_bytes)
@@ -101,34 +98,25 @@ class Peer:
         Returns False if it stayed over the high-water mark until its slow-consumer
         deadline (measured from when it was first seen paused); the caller evicts it.
         """
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = asyncio.get_running_loop().time()
         if self.paused_since is None:
             self.paused_since = now
         remaining = self.paused_since + deadline_s - now
         if remaining > 0:
-            if self._release is None:
-                self._release = loop.create_future()
-            drained = self.relay.spawn(self._drain_quietly())
-            await asyncio.wait((drained, self._release), timeout=remaining,
-                               return_when=asyncio.FIRST_COMPLETED)
+            await self.conn.wait_writable(remaining)
         if self.closing:
             return True  # closed meanwhile; whoever closed it counted why
-        if self.protocol.writing_paused:
+        if self.conn.writing_paused:
             return False
         self.paused_since = None
         return True
-
-    async def _drain_quietly(self) -> None:
-        with contextlib.suppress(ConnectionError):
-            await self.protocol._drain_helper()
 
     # --- closing ---------------------------------------------------------------------
     def close(self, code: CloseCode, left_reason: str) -> None:
         """Leave the session now and close the WebSocket with ``code`` in the background.
 
         Idempotent. Counterparts get ``peer_left`` with ``left_reason``; the close is
-        counted (by reason) in the worker's stats.
+        counted (by reason) in the worker's stats and logged.
         """
         if self.closing:
             return
@@ -136,22 +124,12 @@ class Peer:
         self.closing = True
         self.close_code = code
         self.relay.stats.closes[code.name] += 1
-        if self._release is not None and not self._release.done():
-            self._release.set_result(None)  # wake senders waiting for this peer to drain
-        self._close_task = self.relay.spawn(self._close_ws(code))
+        self.conn.wake_writers()  # senders waiting for this peer to drain go on
+        self.relay.ended(self)
+        self._close_task = self.relay.spawn(
+            self.conn.close(code, self.relay.config.close_timeout_s))
 
     async def wait_closed(self) -> None:
-        """Wait for the close started by :meth:`close` (the handler must not return first)."""
+        """Wait for the close started by :meth:`close`."""
         if self._close_task is not None:
             await asyncio.shield(self._close_task)
-
-    async def _close_ws(self, code: CloseCode) -> None:
-        timeout = self.relay.config.close_timeout_s
-        try:
-            async with asyncio.timeout(timeout + 1):
-                await self.ws.close(code=code, message=code.reason.encode())
-        except (ConnectionError, RuntimeError, TimeoutError):
-            pass
-        # A receiver that stopped reading never lets the close frame out: drop it.
-        if self.transport.get_write_buffer_size():
-            asyncio.get_running_loop().call_later(timeout, self.transport.abort)

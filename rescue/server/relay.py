@@ -1,11 +1,14 @@
-"""The relay of one worker: upgrade, hello, join, then the forwarding loop of each peer.
+"""The relay of one worker: upgrade, hello, join, then forwarding each peer's messages.
 
-The decisions live in sans-I/O modules (:mod:`rescue.admission`, :mod:`rescue.hello`,
-:mod:`rescue.frames`, :mod:`rescue.sessions`, :mod:`rescue.ratelimit`); this module is
-the aiohttp glue that carries them out. One task per connection: it reads its peer's
-messages and writes them to the receivers' transports (never through a queue), so
-order is preserved per direction, and a receiver over its high-water mark makes the
-sender stop reading (TCP backpressure) until it drains or is evicted.
+The decisions live in sans-I/O modules (:mod:`rescue.admission`, :mod:`rescue.wshandshake`,
+:mod:`rescue.hello`, :mod:`rescue.frames`, :mod:`rescue.sessions`, :mod:`rescue.ratelimit`);
+this module carries them out. aiohttp serves the HTTP request up to the upgrade; the relay
+then takes the connection over (:mod:`rescue.server.connection`) and, once the hello is
+done, each message a peer sends reaches :meth:`Relay.on_message` from its connection's
+``data_received``: no task per connection. Messages are written to the receivers'
+transports at once (never through a queue), so order is preserved per direction, and a
+receiver over its high-water mark makes the sender stop reading (TCP backpressure) until
+it drains or is evicted.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from time import perf_counter
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from rescue import tracing
 from rescue.admission import Load, UpgradeRequest, admit
@@ -39,21 +42,21 @@ from rescue.hello import (
 )
 from rescue.logs import log_event
 from rescue.ratelimit import ConnectionRateLimit
+from rescue.server.connection import WsConnection, detached, take_over
 from rescue.server.peer import Peer
 from rescue.server.stats import WorkerStats
 from rescue.sessions import Registry, SessionFull, TooManyConnections
 from rescue.tokens import CAP_TELEMETRY, TokenClaims, TokenVerifier
-from rescue.wsframe import binary_header
+from rescue.wsframe import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, binary_header
+from rescue.wshandshake import VERSION as WS_VERSION
+from rescue.wshandshake import VersionRefused, check_upgrade, switching_protocols
+from rescue.wsreader import ReadError, parse_close
 
 log = logging.getLogger("rescue.relay")
 
 T = TypeVar("T")
 
 _HEARTBEAT = 2
-_BINARY = WSMsgType.BINARY
-_TEXT = WSMsgType.TEXT
-_PING = WSMsgType.PING
-_PONG = WSMsgType.PONG
 
 
 #: Response header repeating the JSON body's ``error`` code on every refusal.
@@ -103,16 +106,6 @@ def method_not_allowed(request: web.Request, allowed: Iterable[str]) -> web.Resp
     return response
 
 
-class RelayWebSocket(web.WebSocketResponse):
-    """A WebSocketResponse whose closes always carry the protocol's reason string."""
-
-    async def close(self, *, code: int = 1000, message: bytes = b"",
-                    drain: bool = False) -> bool:
-        if not message and code in CloseCode._value2member_map_:
-            message = CloseCode(code).reason.encode()
-        return await super().close(code=code, message=message, drain=drain)
-
-
 class Relay:
     """All relay state of one worker process and the ``GET /ws`` handler."""
 
@@ -131,6 +124,7 @@ class Relay:
             grace_s=config.session_grace_s)
         self.stats = WorkerStats()
         self.peers: set[Peer] = set()
+        self.handshaking: set[WsConnection] = set()  # upgraded, hello not decided yet
         self.handshakes = 0
         self.draining = False
         self.pause = Pause.SOFT if config.fallback_paused else Pause.OFF
@@ -189,7 +183,9 @@ class Relay:
         return out
 
     async def close_all_wait(self, timeout_s: float) -> None:
-        """Wait (bounded) for the background closes started so far to finish."""
+        """Wait (bounded) for the background closes started so far to finish; connections
+        still in their hello are dropped."""
+        self.abort_handshakes()
         pending = [t for t in self._tasks if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=timeout_s)
@@ -245,63 +241,57 @@ class Relay:
         return claims, session
 
     async def handle_ws(self, request: web.Request) -> web.StreamResponse:
-        """Serve ``GET /ws``: admit, upgrade, hello, then relay until the peer leaves.
+        """Serve ``GET /ws``: admit, upgrade, take the connection over, run the hello.
 
-        This frame and :meth:`_relay`'s live as long as the WebSocket, so the chain is
-        kept at two: every further awaited helper would cost a frame per connection.
-        For the same reason this frame lets go of what only the handshake needs.
+        Once the peer has joined, this handler returns and the connection lives on as a
+        :class:`~rescue.server.connection.WsConnection` whose messages reach
+        :meth:`on_message`; aiohttp no longer knows it.
         """
         admitted = self._admit(request)
         if isinstance(admitted, web.Response):
             return admitted
         claims, session = admitted
         del admitted
-        with tracing.span("connection", worker_slot=self.worker_slot) as trace:
-            loop = asyncio.get_running_loop()
-            handshaking = True
+        loop = asyncio.get_running_loop()
+        trace = tracing.start_span("connection", worker_slot=self.worker_slot)
+        conn: WsConnection | None = None
+        outcome: Peer | CloseCode | None = None
+        try:
             try:
-                ws = RelayWebSocket(compress=False, max_msg_size=self.config.max_message_bytes,
-                                    autoping=False, autoclose=True,
-                                    timeout=self.config.close_timeout_s,
-                                    writer_limit=1 << 30)
-                try:
-                    await ws.prepare(request)
-                except web.HTTPException as e:
-                    response = self._refuse(ErrorCode.BAD_REQUEST, e.text or e.reason)
-                    response.headers["Sec-WebSocket-Version"] = "13"
-                    return response
-                transport = request.transport
-                if transport is None:  # the client went away during the upgrade
-                    return ws
-                with tracing.span("handshake") as hello_trace:
-                    peer = await self._hello(ws, request, claims, session)
-                    if peer is not None:
-                        hello_trace.set_attribute("role", peer.role)
-                    hello_trace.set_attribute("outcome", "ok" if peer is not None else
-                                              _close_name(ws.close_code))
-                del claims  # uncached claims would otherwise live as long as the connection
-                self.handshakes -= 1
-                handshaking = False
-                self.registry.release(session, loop.time())
-                if peer is not None:
-                    trace.set_attribute("role", peer.role)
-                    await self._relay(peer)
-                    code = peer.close_code or CloseCode.NORMAL
-                    trace.set_attribute("close_code", int(code))
-                    trace.set_attribute("close_reason", code.name)
-                    if peer.telemetry:  # traffic numbers only for opted-in peers
-                        trace.set_attribute("bytes_in", peer.rx_bytes)
-                        trace.set_attribute("bytes_out", peer.tx_bytes)
-                        trace.set_attribute("messages_in", peer.rx_msgs)
-                        trace.set_attribute("messages_out", peer.tx_msgs)
-                elif ws.close_code is not None:
-                    trace.set_attribute("close_code", ws.close_code)
-                    trace.set_attribute("close_reason", _close_name(ws.close_code))
-                return ws
-            finally:
-                if handshaking:
-                    self.handshakes -= 1
-                    self.registry.release(session, loop.time())
+                accept = check_upgrade(request.method, request.headers)
+            except Refusal as r:
+                response = self._refuse(r.error, r.detail)
+                if isinstance(r, VersionRefused):
+                    response.headers["Sec-WebSocket-Version"] = WS_VERSION
+                return response
+            conn = take_over(request, switching_protocols(accept),
+                             self.config.max_message_bytes)
+            if conn is None:  # the client went away during the upgrade
+                return detached()
+            self.handshaking.add(conn)
+            with trace.child("handshake") as hello_trace:
+                outcome = await self._hello(conn, claims, session, trace)
+                hello_trace.set_attribute("outcome", "ok" if isinstance(outcome, Peer)
+                                          else _close_name(outcome))
+                if isinstance(outcome, Peer):
+                    hello_trace.set_attribute("role", outcome.role)
+            return detached()
+        finally:
+            if conn is not None:
+                self.handshaking.discard(conn)
+            self.handshakes -= 1  # a joined peer is counted in peers from now on
+            self.registry.release(session, loop.time())
+            del claims  # uncached claims would otherwise live as long as the connection
+            if isinstance(outcome, Peer):
+                trace.set_attribute("role", outcome.role)
+                outcome.conn.attach(outcome)
+            else:
+                if conn is not None and not conn.lost and not conn.transport.is_closing():
+                    conn.transport.abort()  # the hello ended by an error or a cancel
+                if isinstance(outcome, CloseCode):
+                    trace.set_attribute("close_code", int(outcome))
+                    trace.set_attribute("close_reason", outcome.name)
+                trace.end()
 
     def _refuse(self, error: ErrorCode, detail: str,
                 retry_after_s: int | None = None) -> web.Response:
@@ -309,55 +299,60 @@ class Relay:
         log_event(log, "upgrade.refused", error=error.code, detail=detail)
         return error_response(error, detail, retry_after_s)
 
-    async def _close_handshake(self, ws: web.WebSocketResponse, code: CloseCode,
-                               detail: str) -> None:
+    async def _close_handshake(self, conn: WsConnection, code: CloseCode,
+                               detail: str) -> CloseCode:
         self.stats.closes[code.name] += 1
         self.stats.handshake_refusals[code.name] += 1
         log_event(log, "hello.refused", code=int(code), reason=code.reason, detail=detail)
-        await ws.close(code=code, message=code.reason.encode())
+        await conn.close(code, self.config.close_timeout_s)
+        return code
 
-    async def _hello(self, ws: web.WebSocketResponse, request: web.Request,
-                     claims: TokenClaims, session: Any) -> Peer | None:
-        """Run the hello exchange; return the joined :class:`Peer`, or None if refused."""
+    async def _hello(self, conn: WsConnection, claims: TokenClaims, session: Any,
+                     trace: tracing.OpenSpan) -> Peer | CloseCode | None:
+        """Run the hello exchange: the joined :class:`Peer`, or the close code it was
+        refused with (None if the client left first)."""
         try:
-            msg = await ws.receive(timeout=self.config.handshake_timeout_s)
+            first = await conn.first_message(self.config.handshake_timeout_s)
         except TimeoutError:
-            await self._close_handshake(ws, CloseCode.HANDSHAKE_TIMEOUT, "no hello in time")
+            return await self._close_handshake(conn, CloseCode.HANDSHAKE_TIMEOUT,
+                                               "no hello in time")
+        if first is None:
             return None
-        if msg.type is not _TEXT:
-            if msg.type in (_BINARY, _PING, _PONG):
-                await self._close_handshake(ws, CloseCode.PROTOCOL_ERROR,
-                                            "expected a text client_hello")
+        if isinstance(first, ReadError):
+            return await self._close_handshake(conn, first.close_code, first.detail)
+        opcode, payload = first
+        if opcode == OP_CLOSE:
+            conn.close_received = True
+            await conn.close(CloseCode.NORMAL, self.config.close_timeout_s)
             return None
+        if opcode != OP_TEXT:
+            return await self._close_handshake(conn, CloseCode.PROTOCOL_ERROR,
+                                               "expected a text client_hello")
         try:
-            hello = parse_client_hello(msg.data)
+            hello = parse_client_hello(payload)
         except HelloError as e:
-            await self._close_handshake(ws, e.close_code, e.detail)
-            return None
+            return await self._close_handshake(conn, e.close_code, e.detail)
+        del first, payload
         if hello.session_id != claims.sid:
-            await self._close_handshake(ws, CloseCode.SESSION_MISMATCH,
-                                        "hello session_id differs from the token's sid")
-            return None
+            return await self._close_handshake(
+                conn, CloseCode.SESSION_MISMATCH, "hello session_id differs from the token's sid")
         if self.verifier.expired(claims, time.time()):
-            await self._close_handshake(ws, CloseCode.TOKEN_EXPIRED,
-                                        "token expired before the hello")
+            return await self._close_handshake(conn, CloseCode.TOKEN_EXPIRED,
+                                               "token expired before the hello")
+        if conn.lost:
             return None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        transport = request.transport
-        assert transport is not None
+        now = asyncio.get_running_loop().time()
         connection_id = f"{self._id_prefix}-{next(self._ids):x}"
-        peer = Peer(self, ws, transport, request.protocol, role=hello.role,
-                    peer_id=hello.peer_id, connection_id=connection_id, session=session,
+        peer = Peer(self, conn, role=hello.role, peer_id=hello.peer_id,
+                    connection_id=connection_id, session=session,
                     rate=self._new_rate_limit(now), now=now,
-                    telemetry=CAP_TELEMETRY in claims.cap)
+                    telemetry=CAP_TELEMETRY in claims.cap, trace=trace)
         try:
             joined = self.registry.join(session, hello.role, hello.peer_id, peer)
         except SessionFull:
-            await self._close_handshake(ws, CloseCode.SESSION_FULL,
-                                        f"session has {self.config.max_participants} "
-                                        "participants")
-            return None
+            return await self._close_handshake(
+                conn, CloseCode.SESSION_FULL,
+                f"session has {self.config.max_participants} participants")
         peer.member = joined.member
         self.peers.add(peer)
         if session.member_count == 1 and not joined.replaced:
@@ -385,121 +380,133 @@ class Relay:
                   replaced=len(joined.replaced))
         return peer
 
-    async def _relay(self, peer: Peer) -> None:
-        """Forward ``peer``'s frames until it leaves; then account for how it ended.
+    # --- the data plane: called by each peer's connection ----------------------------
+    def on_message(self, peer: Peer, opcode: int, data: bytes) -> None:
+        """Forward, answer or refuse one message of a joined ``peer``.
 
-        Its locals live as long as the connection: no bound methods are cached in them
-        (each would cost 64 bytes per connection; calling ``obj.method()`` allocates none),
-        and nothing of one message stays referenced while it waits for the next.
+        Receivers get the frame now, in order, never through a queue; if any of them is
+        over its high-water mark the sender's connection stops reading until they drain
+        or are evicted (:meth:`_wait_for_receivers`).
         """
-        ws = peer.ws
-        loop = asyncio.get_running_loop()
         stats = self.stats
-        rate = peer.rate
-        session = peer.session
-        slow_timeout = self.config.slow_consumer_timeout_s
-        kind_messages, kind_bytes = stats.kind_messages, stats.kind_bytes
-        samples = stats.samples
-        sampling = peer.telemetry  # only opted-in peers feed the size/latency histograms
-        started = 0.0
-        code = CloseCode.NORMAL
-        reason = "closed"
-        try:
-            while True:
-                # Otherwise an idle sender would keep its last message (up to
-                # max_message_bytes) and the receivers it went to (closed ones too) alive.
-                msg = data = frame = receivers = receiver = None
-                msg = await ws.receive()
-                kind_of_msg = msg.type
-                if kind_of_msg is _BINARY:
-                    if sampling:
-                        started = perf_counter()
-                    data = msg.data
-                    kind = check_frame(data)
-                    size = len(data)
-                    peer.rx_msgs += 1
-                    peer.rx_bytes += size
-                    if not rate.allow(size, loop.time()):
-                        stats.rate_limited += 1
-                        code, reason = CloseCode.RATE_LIMITED, "evicted"
-                        break
-                    if kind == _HEARTBEAT:
-                        peer.echo_heartbeat(data)
-                        stats.heartbeats_answered += 1
-                        continue
-                    peer.data_msgs += 1
-                    receivers = (session.participant_conns if peer.is_host
-                                 else session.host_conns)
-                    if not receivers:
-                        stats.frames_unrouted += 1
-                        continue
-                    # Written now, in order, never queued; header and payload go out in
-                    # one writev, so the payload is never copied.
-                    frame = (binary_header(size), data)
-                    delivered = 0
-                    paused = False
-                    for receiver in receivers:
-                        if receiver.closing:
-                            continue
-                        try:
-                            receiver.transport.writelines(frame)
-                        except RuntimeError:  # its connection is gone; its task closes it
-                            continue
-                        receiver.tx_msgs += 1
-                        receiver.tx_bytes += size
-                        delivered += 1
-                        if receiver.protocol.writing_paused:
-                            paused = True
-                    kind_messages[kind] += delivered
-                    kind_bytes[kind] += size * delivered
-                    if sampling and not peer.rx_msgs & 63 and len(samples) < 1024:
-                        samples.append((size, perf_counter() - started))
-                    if delivered != len(receivers):
-                        stats.frames_to_closing += len(receivers) - delivered
-                    if paused:
-                        await self._wait_for_receivers(peer, receivers, slow_timeout)
-                elif kind_of_msg is _PING:
-                    peer.rx_msgs += 1
-                    peer.pong(msg.data)
-                elif kind_of_msg is _PONG:
-                    peer.rx_msgs += 1
-                elif kind_of_msg is _TEXT:
-                    code, reason = CloseCode.UNSUPPORTED_DATA, "evicted"
-                    break
-                else:  # CLOSE, CLOSING, CLOSED, ERROR: the connection is over
-                    if kind_of_msg is WSMsgType.ERROR:
-                        code = CloseCode(ws.close_code) if ws.close_code in (
-                            CloseCode.MESSAGE_TOO_BIG, CloseCode.PROTOCOL_ERROR
-                        ) else CloseCode.PROTOCOL_ERROR
-                        reason = "evicted"
-                    break
-        except FrameError as e:
-            code, reason = e.close_code, "evicted"
-            log_event(log, "frame.refused", connection_id=peer.connection_id,
-                      detail=e.detail)
-        except Exception:
-            code, reason = CloseCode.INTERNAL_ERROR, "evicted"
-            log.exception("relay.internal_error", extra={
-                "fields": {"connection_id": peer.connection_id}})
-        finally:
-            await self._finish(peer, code, reason)
+        if opcode == OP_BINARY:
+            sampling = peer.telemetry  # only opted-in peers feed the size/latency histograms
+            if sampling:
+                started = perf_counter()
+            try:
+                kind = check_frame(data)
+            except FrameError as e:
+                self._evict(peer, e.close_code, e.detail)
+                return
+            size = len(data)
+            peer.rx_msgs += 1
+            peer.rx_bytes += size
+            if not peer.rate.allow(size, asyncio.get_running_loop().time()):
+                stats.rate_limited += 1
+                peer.close(CloseCode.RATE_LIMITED, "evicted")
+                return
+            if kind == _HEARTBEAT:
+                peer.echo_heartbeat(data)
+                stats.heartbeats_answered += 1
+                return
+            peer.data_msgs += 1
+            receivers = (peer.session.participant_conns if peer.is_host
+                         else peer.session.host_conns)
+            if not receivers:
+                stats.frames_unrouted += 1
+                return
+            # Header and payload go out in one writev, so the payload is never copied.
+            frame = (binary_header(size), data)
+            delivered = 0
+            paused = False
+            for receiver in receivers:
+                if receiver.closing:
+                    continue
+                try:
+                    receiver.transport.writelines(frame)
+                except RuntimeError:  # its connection is gone; connection_lost closes it
+                    continue
+                receiver.tx_msgs += 1
+                receiver.tx_bytes += size
+                delivered += 1
+                if receiver.conn.writing_paused:
+                    paused = True
+            stats.kind_messages[kind] += delivered
+            stats.kind_bytes[kind] += size * delivered
+            if sampling and not peer.rx_msgs & 63 and len(stats.samples) < 1024:
+                stats.samples.append((size, perf_counter() - started))
+            if delivered != len(receivers):
+                stats.frames_to_closing += len(receivers) - delivered
+            if paused:
+                peer.conn.hold()
+                self.spawn(self._wait_for_receivers(peer, receivers))
+        elif opcode == OP_PING:
+            peer.rx_msgs += 1
+            peer.pong(data)
+        elif opcode == OP_PONG:
+            peer.rx_msgs += 1
+        elif opcode == OP_CLOSE:
+            try:
+                parse_close(data)
+            except ReadError as e:
+                self._evict(peer, e.close_code, e.detail)
+                return
+            peer.conn.close_received = True
+            peer.close(CloseCode.NORMAL, "closed")
+        else:  # text after the hello
+            peer.close(CloseCode.UNSUPPORTED_DATA, "evicted")
 
-    async def _wait_for_receivers(self, sender: Peer, receivers: tuple[Peer, ...],
-                                  slow_timeout: float) -> None:
-        """Stop reading the sender until each paused receiver drains or is evicted."""
+    def on_read_error(self, peer: Peer, error: ReadError) -> None:
+        """The client broke the WebSocket framing: close it with the error's code."""
+        self._evict(peer, error.close_code, error.detail)
+
+    def on_internal_error(self, peer: Peer) -> None:
+        """A bug while handling a message: log it and close that connection (1011)."""
+        log.exception("relay.internal_error", extra={
+            "fields": {"connection_id": peer.connection_id}})
+        peer.close(CloseCode.INTERNAL_ERROR, "evicted")
+
+    def _evict(self, peer: Peer, code: CloseCode, detail: str) -> None:
+        log_event(log, "frame.refused", connection_id=peer.connection_id, detail=detail)
+        peer.close(code, "evicted")
+
+    def ended(self, peer: Peer) -> None:
+        """Account for a connection that is closing: its log line and its span."""
+        code = peer.close_code or CloseCode.NORMAL
+        log_event(log, "connection.closed", connection_id=peer.connection_id,
+                  code=int(code), role=peer.role, rx_msgs=peer.rx_msgs,
+                  rx_bytes=peer.rx_bytes, tx_msgs=peer.tx_msgs, tx_bytes=peer.tx_bytes)
+        trace, peer.trace = peer.trace, tracing.NOOP_SPAN
+        trace.set_attribute("close_code", int(code))
+        trace.set_attribute("close_reason", code.name)
+        if peer.telemetry:  # traffic numbers only for opted-in peers
+            trace.set_attribute("bytes_in", peer.rx_bytes)
+            trace.set_attribute("bytes_out", peer.tx_bytes)
+            trace.set_attribute("messages_in", peer.rx_msgs)
+            trace.set_attribute("messages_out", peer.tx_msgs)
+        trace.end()
+
+    def abort_handshakes(self) -> None:
+        """Drop the connections still in their hello (the worker is stopping)."""
+        for conn in list(self.handshaking):
+            conn.transport.abort()
+
+    async def _wait_for_receivers(self, sender: Peer, receivers: tuple[Peer, ...]) -> None:
+        """With the sender's reading held, wait until each paused receiver drains or is
+        evicted; then let the sender's connection read again."""
         sender.held = True
         try:
-            await self._drain_receivers(receivers, slow_timeout)
+            stats = self.stats
+            slow_timeout = self.config.slow_consumer_timeout_s
+            for receiver in receivers:
+                if receiver.conn.writing_paused and not receiver.closing:
+                    stats.flow_pauses += 1
+                    if not await receiver.wait_writable(slow_timeout):
+                        self.evict_slow_consumer(receiver)
         finally:
             sender.held = False
-
-    async def _drain_receivers(self, receivers: tuple[Peer, ...], slow_timeout: float) -> None:
-        stats = self.stats
-        for receiver in receivers:
-            if receiver.protocol.writing_paused and not receiver.closing:
-                stats.flow_pauses += 1
-                if not await receiver.wait_writable(slow_timeout):
-                    self.evict_slow_consumer(receiver)
+            if not sender.closing:
+                sender.conn.release()
 
     def evict_slow_consumer(self, peer: Peer) -> None:
         """Close a receiver that stayed over its high-water mark past the deadline (4005)."""
@@ -507,12 +514,3 @@ class Relay:
         log_event(log, "peer.evicted", connection_id=peer.connection_id,
                   buffered=peer.write_buffer_size)
         peer.close(CloseCode.SLOW_CONSUMER, "evicted")
-
-    async def _finish(self, peer: Peer, code: CloseCode, reason: str) -> None:
-        if not peer.closing:
-            peer.close(code, reason)
-        log_event(log, "connection.closed", connection_id=peer.connection_id,
-                  code=int(peer.close_code or code), role=peer.role,
-                  rx_msgs=peer.rx_msgs, rx_bytes=peer.rx_bytes,
-                  tx_msgs=peer.tx_msgs, tx_bytes=peer.tx_bytes)
-        await peer.wait_closed()

@@ -55,7 +55,7 @@ def sweep_once(relay: Relay, now: float) -> None:
             log_event(log, "peer.data_idle", connection_id=peer.connection_id)
             peer.close(CloseCode.IDLE_TIMEOUT, "timeout")
             continue
-        if peer.protocol.writing_paused:
+        if peer.conn.writing_paused:
             if peer.paused_since is None:
                 peer.paused_since = now
             elif now - peer.paused_since >= config.slow_consumer_timeout_s:

@@ -224,6 +224,7 @@ async def _obey(channel: ControlChannel, acceptor: Acceptor, relay: Relay,
                     await draining
             acceptor.stop()
             relay.draining = True
+            relay.abort_handshakes()
             for peer in list(relay.peers):
                 peer.close(CloseCode.GOING_AWAY, "closed")
             return

@@ -417,10 +417,7 @@ async def test_an_invalid_websocket_frame_is_a_protocol_error(
     await assert_still_serving(relay, http)
 
 
-@pytest.mark.xfail(strict=True, raises=(AssertionError, TimeoutError),
-                   reason="RFC 6455 section 5.1: the server must close on an "
-                   "unmasked client frame; aiohttp's reader does not check the MASK bit, so "
-                   "the relay forwards the frame")
+# RFC 6455 section 5.1: a server must close the connection on an unmasked client frame.
 async def test_an_unmasked_client_frame_is_a_protocol_error(relay: RelayProcess) -> None:
     ws, _ = await _joined_raw(relay)
     try:
