@@ -29,6 +29,9 @@ else:
 _U16 = struct.Struct(">H").unpack_from
 _U64 = struct.Struct(">Q").unpack_from
 _CLOSE_CODE = struct.Struct(">H").unpack_from
+#: Most frames one message may come in (a message's size limit alone would let empty
+#: fragments pile up without bound).
+MAX_FRAGMENTS = 1024
 _MAX_CONTROL_PAYLOAD = 125
 _VIEW_FROM = 8192  # payload length from which unmasking reads through a memoryview
 
@@ -264,5 +267,9 @@ class FrameReader:
                 return opcode, payload
             if opcode:
                 self._fragment_opcode = opcode
+            elif len(self._fragments) >= MAX_FRAGMENTS - 1:
+                # empty fragments would otherwise cost memory without counting toward the limit
+                raise self._fail(CloseCode.PROTOCOL_ERROR,
+                                 f"message in more than {MAX_FRAGMENTS} fragments")
             self._fragments.append(payload)
             self._fragment_size += length

@@ -12,7 +12,8 @@ from rescue import metrics
 from rescue.admission import bearer_matches, bearer_token
 from rescue.codes import ErrorCode
 from rescue.server.peer import Peer
-from rescue.server.relay import Relay, error_response
+from rescue.server.relay import Relay
+from rescue.server.responses import error_response
 
 
 def stats_snapshot(relay: Relay, session_id: str | None = None) -> dict[str, Any]:

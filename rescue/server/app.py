@@ -21,7 +21,8 @@ from rescue import __version__, keys
 from rescue.codes import ErrorCode
 from rescue.config import Config
 from rescue.controlplane.api import ControlPlane
-from rescue.server.relay import Relay, error_response, method_not_allowed
+from rescue.server.relay import Relay
+from rescue.server.responses import error_response, method_not_allowed
 from rescue.tokens import TokenVerifier
 
 log = logging.getLogger("rescue.server")

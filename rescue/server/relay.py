@@ -19,10 +19,9 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine
 from time import perf_counter
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl
 
 from aiohttp import web
 
@@ -44,8 +43,9 @@ from rescue.logs import log_event
 from rescue.ratelimit import ConnectionRateLimit
 from rescue.server.connection import WsConnection, detached, take_over
 from rescue.server.peer import Peer
+from rescue.server.responses import error_response, method_not_allowed, query_values
 from rescue.server.stats import WorkerStats
-from rescue.sessions import Registry, SessionFull, TooManyConnections
+from rescue.sessions import JoinResult, Registry, SessionFull, TooManyConnections
 from rescue.tokens import CAP_TELEMETRY, TokenClaims, TokenVerifier
 from rescue.wsframe import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, binary_header
 from rescue.wshandshake import VERSION as WS_VERSION
@@ -59,51 +59,11 @@ T = TypeVar("T")
 _HEARTBEAT = 2
 
 
-#: Response header repeating the JSON body's ``error`` code on every refusal.
-ERROR_HEADER = "X-Beach-Rescue-Error"
-
-
-def error_response(error: ErrorCode, detail: str,
-                   retry_after_s: int | None = None) -> web.Response:
-    """Build the contract's JSON error response (the code also in ``X-Beach-Rescue-Error``).
-
-    The header lets WebSocket clients, whose libraries rarely expose a failed upgrade's
-    body, tell ``token_expired`` from ``token_invalid``.
-    """
-    headers = {ERROR_HEADER: error.code}
-    if retry_after_s is not None:
-        headers["Retry-After"] = str(retry_after_s)
-    return web.json_response({"error": error.code, "detail": detail},
-                             status=error.status, headers=headers)
-
-
 def _close_name(code: int | None) -> str:
     """The name of a close code the relay sent (``closed`` if there was none)."""
     if code is None or code not in CloseCode._value2member_map_:
         return "closed"
     return CloseCode(code).name
-
-
-def query_values(request: web.Request, *names: str) -> list[str | None]:
-    """The first value of each of ``names`` in the request's query (None where absent).
-
-    The same parse as ``request.query`` (yarl's is ``parse_qsl`` with blank values kept),
-    but not cached on the request's URL, which lives as long as the WebSocket: the
-    token (hundreds of bytes) would otherwise stay in memory with every connection.
-    """
-    found: dict[str, str] = {}
-    for name, value in parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True):
-        if name in names and name not in found:
-            found[name] = value
-    return [found.get(name) for name in names]
-
-
-def method_not_allowed(request: web.Request, allowed: Iterable[str]) -> web.Response:
-    """The contract's 405 with its ``Allow`` header."""
-    response = error_response(ErrorCode.METHOD_NOT_ALLOWED,
-                              f"{request.method} is not allowed on {request.path}")
-    response.headers["Allow"] = ", ".join(sorted(allowed))
-    return response
 
 
 class Relay:
@@ -322,6 +282,10 @@ class Relay:
             return await self._close_handshake(conn, first.close_code, first.detail)
         opcode, payload = first
         if opcode == OP_CLOSE:
+            try:
+                parse_close(payload)
+            except ReadError as e:
+                return await self._close_handshake(conn, e.close_code, e.detail)
             conn.close_received = True
             await conn.close(CloseCode.NORMAL, self.config.close_timeout_s)
             return None
@@ -355,14 +319,25 @@ class Relay:
                 f"session has {self.config.max_participants} participants")
         peer.member = joined.member
         self.peers.add(peer)
+        try:
+            self._welcome(peer, hello.client_nonce, joined)
+        except BaseException:
+            peer.close(CloseCode.INTERNAL_ERROR, "evicted")
+            raise
+        return peer
+
+    def _welcome(self, peer: Peer, client_nonce: str, joined: JoinResult[Peer]) -> None:
+        """Tell a peer that just joined where it stands, and its counterparts about it."""
+        session = peer.session
+        now = asyncio.get_running_loop().time()
         if session.member_count == 1 and not joined.replaced:
             log_event(log, "session.joined", session_age_s=round(now - session.created_at, 3))
         self.stats.handshakes_ok += 1
         # No await from here to the end of the fan-out: the server hello is the first
         # message the peer gets, and events reach everyone in a consistent order.
         peer.write_text(encode_server_hello(
-            ack_nonce=hello.client_nonce, server_nonce=new_server_nonce(),
-            heartbeat_s=self.config.heartbeat_s, connection_id=connection_id,
+            ack_nonce=client_nonce, server_nonce=new_server_nonce(),
+            heartbeat_s=self.config.heartbeat_s, connection_id=peer.connection_id,
             host_present=joined.host_present, participants=joined.participant_count))
         for replaced in joined.replaced:
             old = replaced.member.conn
@@ -376,9 +351,8 @@ class Relay:
             other.write_text(joined_event)
         for present in joined.present:
             peer.write_text(encode_peer_joined(present.role, present.peer_id))
-        log_event(log, "hello.accepted", connection_id=connection_id, role=peer.role,
+        log_event(log, "hello.accepted", connection_id=peer.connection_id, role=peer.role,
                   replaced=len(joined.replaced))
-        return peer
 
     # --- the data plane: called by each peer's connection ----------------------------
     def on_message(self, peer: Peer, opcode: int, data: bytes) -> None:
@@ -408,6 +382,7 @@ class Relay:
             if kind == _HEARTBEAT:
                 peer.echo_heartbeat(data)
                 stats.heartbeats_answered += 1
+                self._answered(peer)
                 return
             peer.data_msgs += 1
             receivers = (peer.session.participant_conns if peer.is_host
@@ -443,6 +418,7 @@ class Relay:
         elif opcode == OP_PING:
             peer.rx_msgs += 1
             peer.pong(data)
+            self._answered(peer)
         elif opcode == OP_PONG:
             peer.rx_msgs += 1
         elif opcode == OP_CLOSE:
@@ -455,6 +431,13 @@ class Relay:
             peer.close(CloseCode.NORMAL, "closed")
         else:  # text after the hello
             peer.close(CloseCode.UNSUPPORTED_DATA, "evicted")
+
+    def _answered(self, peer: Peer) -> None:
+        """After answering ``peer`` itself: a peer that does not read its answers is not
+        read either (until its buffer drains, or it is evicted as a slow consumer)."""
+        if peer.conn.writing_paused and not peer.held:
+            peer.conn.hold()
+            self.spawn(self._wait_for_receivers(peer, (peer,)))
 
     def on_read_error(self, peer: Peer, error: ReadError) -> None:
         """The client broke the WebSocket framing: close it with the error's code."""

@@ -539,3 +539,124 @@ def test_many_small_frames_in_odd_sized_feeds(unmask_impl: str) -> None:
         out += read_all(reader)
     assert out == [(OP_BINARY, payload_of(i % 300)) for i in range(500)]
     assert reader.buffered == 0
+
+
+# --- fragment count cap ---------------------------------------------------------------------
+
+MAX_FRAGMENTS = wsreader.MAX_FRAGMENTS
+
+
+def fragmented(opcode: int, pieces: list[bytes], *, final: bool = True,
+               between: bytes = b"") -> bytes:
+    """One message in ``len(pieces)`` frames (the last one final unless ``final`` is False),
+    with ``between`` (e.g. a ping) after each frame but the last."""
+    frames = []
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        frames.append(client_frame(opcode if i == 0 else OP_CONTINUATION, piece,
+                                   fin=last and final))
+        if not last:
+            frames.append(between)
+    return b"".join(frames)
+
+
+def one_byte_pieces(n: int) -> list[bytes]:
+    return [bytes((i % 256,)) for i in range(n)]
+
+
+def test_the_fragment_cap_is_large_enough_for_real_clients() -> None:
+    assert MAX_FRAGMENTS >= 64
+
+
+@pytest.mark.parametrize("opcode", [OP_BINARY, OP_TEXT])
+def test_a_message_in_exactly_max_fragments_frames_is_returned_whole(opcode: int) -> None:
+    pieces = one_byte_pieces(MAX_FRAGMENTS)
+    stream = fragmented(opcode, pieces)
+    assert read_in_pieces(stream, []) == [(opcode, b"".join(pieces))]
+    assert read_in_pieces(stream, list(range(0, len(stream), 997))) == [
+        (opcode, b"".join(pieces))]
+
+
+def test_a_message_of_max_fragments_empty_frames_is_returned_whole() -> None:
+    assert read_in_pieces(fragmented(OP_BINARY, [b""] * MAX_FRAGMENTS), []) == [
+        (OP_BINARY, b"")]
+
+
+def test_control_frames_between_fragments_do_not_count_toward_the_cap() -> None:
+    pieces = one_byte_pieces(MAX_FRAGMENTS)
+    stream = fragmented(OP_BINARY, pieces, between=client_frame(OP_PING, b"p"))
+    out = read_in_pieces(stream, [])
+    assert out == [(OP_PING, b"p")] * (MAX_FRAGMENTS - 1) + [(OP_BINARY, b"".join(pieces))]
+
+
+def test_the_fragment_count_starts_afresh_for_each_message() -> None:
+    first = one_byte_pieces(MAX_FRAGMENTS)
+    second = [b"x"] * MAX_FRAGMENTS
+    stream = fragmented(OP_TEXT, first) + fragmented(OP_BINARY, second)
+    assert read_in_pieces(stream, []) == [(OP_TEXT, b"".join(first)),
+                                          (OP_BINARY, b"x" * MAX_FRAGMENTS)]
+
+
+@pytest.mark.parametrize("payload", [b"", b"z"], ids=["empty", "one-byte"])
+def test_one_frame_more_than_max_fragments_is_a_protocol_error(payload: bytes) -> None:
+    stream = fragmented(OP_BINARY, [payload] * (MAX_FRAGMENTS + 1))
+    reader = FrameReader(LIMIT)
+    reader.feed(client_frame(OP_PING, b"before") + stream + client_frame(OP_BINARY, b"after"))
+    assert reader.next_message() == (OP_PING, b"before")
+    with pytest.raises(ReadError) as info:
+        reader.next_message()
+    assert info.value.close_code is CloseCode.PROTOCOL_ERROR
+    assert str(MAX_FRAGMENTS) in info.value.detail
+    assert reader.buffered == 0
+    with pytest.raises(ReadError):  # sticky: the frame after it is never returned
+        reader.next_message()
+
+
+def test_the_cap_is_reached_before_the_final_frame_arrives() -> None:
+    # MAX_FRAGMENTS - 1 non-final frames wait for more; the next non-final frame would make
+    # the message longer than MAX_FRAGMENTS whatever follows, so it is refused at once.
+    reader = FrameReader(LIMIT)
+    reader.feed(fragmented(OP_TEXT, [b"a"] * (MAX_FRAGMENTS - 1), final=False))
+    assert reader.next_message() is None
+    assert reader.buffered == MAX_FRAGMENTS - 1  # the open message's payload
+    reader.feed(client_frame(OP_CONTINUATION, b"a", fin=False))
+    with pytest.raises(ReadError) as info:
+        reader.next_message()
+    assert info.value.close_code is CloseCode.PROTOCOL_ERROR
+
+
+def test_empty_fragments_fed_one_by_one_hold_nothing_until_the_cap() -> None:
+    reader = FrameReader(LIMIT)
+    frames = [client_frame(OP_BINARY, fin=False)] + [
+        client_frame(OP_CONTINUATION, fin=False) for _ in range(MAX_FRAGMENTS - 2)]
+    for frame in frames:
+        reader.feed(frame)
+        assert reader.next_message() is None
+        assert reader.buffered == 0
+    assert len(reader._fragments) == MAX_FRAGMENTS - 1
+    reader.feed(client_frame(OP_CONTINUATION, fin=False))
+    with pytest.raises(ReadError) as info:
+        reader.next_message()
+    assert info.value.close_code is CloseCode.PROTOCOL_ERROR
+    assert reader.buffered == held(reader) == 0
+
+
+@pytest.mark.parametrize("count", [20_000, 200_000])
+def test_many_empty_fragments_in_one_chunk_stay_small(count: int) -> None:
+    # Without the cap, 20,000 empty fragments would cost a 170 KB list (b"" is shared), so
+    # the bound is well under that; with it the reader peaks near 10 KB.
+    stream = client_frame(OP_BINARY, fin=False) + client_frame(OP_CONTINUATION, fin=False) * count
+    reader = FrameReader(LIMIT)
+    tracemalloc.start()
+    try:
+        reader.feed(stream)
+        with pytest.raises(ReadError) as info:
+            reader.next_message()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info.value.close_code is CloseCode.PROTOCOL_ERROR
+    assert peak < 64 * 1024  # one list entry per fragment up to the cap, no more
+    assert reader.buffered == held(reader) == 0
+    reader.feed(stream)  # a finished reader takes nothing more
+    assert reader.buffered == 0

@@ -22,7 +22,6 @@ from tests.support.reconnecting import ReconnectingPeer
 
 LINGER_RESET = struct.pack("ii", 1, 0)
 CONNECT_TIMEOUT_S = 10.0
-STOP_RETRY_S = 1.0
 
 
 def chaos_http() -> aiohttp.ClientSession:
@@ -61,7 +60,6 @@ class ChaosPeer(ReconnectingPeer):
         self.start_failures: list[str] = []
         self.aborts = 0
         self.stopped_at: float | None = None  # loop time stop() was called
-        self.swallowed_cancels = 0  # cancels of _run that it swallowed (see stop())
 
     async def start(self) -> None:
         """Join (retrying every ``retry_s`` for up to ``give_up_s``), then exchange."""
@@ -84,15 +82,6 @@ class ChaosPeer(ReconnectingPeer):
         """Stop (noting when, so a reconnect cut short by it is not judged a failure)."""
         if self.stopped_at is None:
             self.stopped_at = asyncio.get_running_loop().time()
-        self._stopping = True
-        task = self._task
-        # ReconnectingPeer._run awaits its cancelled sender under suppress(CancelledError)
-        # after a drop, which swallows a cancel landing there (the peer then reconnects and
-        # a plain cancel-and-await waits forever): cancel until the task is really done.
-        while task is not None and not task.done():
-            task.cancel()
-            if not (await asyncio.wait({task}, timeout=STOP_RETRY_S))[0]:
-                self.swallowed_cancels += 1
         await super().stop()
 
     def abort(self) -> bool:
