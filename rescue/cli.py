@@ -138,8 +138,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                              else None)
         if args.command == "serve":
             # Before anything imports prometheus_client: workers inherit the directory.
-            from rescue.multiproc import prepare_multiprocess_dir
+            from rescue.multiproc import (
+                DirectoryBusy,
+                claim_multiprocess_dir,
+                prepare_multiprocess_dir,
+            )
 
+            try:
+                claim_multiprocess_dir(config.resolved_metrics_dir())
+            except DirectoryBusy as e:
+                print(f"beach-rescue: {e}", file=sys.stderr)
+                return 2
             prepare_multiprocess_dir(config.resolved_metrics_dir())
             from supervisor.main import serve
 

@@ -47,7 +47,8 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
         "Bearer key `/metrics` on the admin listener requires; empty: `/metrics` is open "
         "to whoever reaches the admin listener (loopback by default).")] = ""
     metrics_dir: Annotated[str, _m(
-        "Directory for prometheus-client's multiprocess files, emptied at start; empty: "
+        "Directory for prometheus-client's multiprocess files, emptied at start and locked "
+        "(`<dir>.lock`: a second relay on the same directory is refused); empty: "
         "`$PROMETHEUS_MULTIPROC_DIR` if set, else `<state_dir>/metrics`.")] = ""
     admin_key: Annotated[str, _m(
         "Bearer key the admin listener requires; empty: the admin listener refuses every "

@@ -110,6 +110,21 @@ def test_an_invalid_worker_count_is_refused(state_dir: Path, key_dir: Path) -> N
     assert_refused_at_start(result, 2, "`workers`")
 
 
+def test_a_second_relay_on_the_same_state_directory_is_refused(
+        state_dir: Path, key_dir: Path, signing_key: SigningKey) -> None:
+    env = cli_env(state_dir)
+    first = subprocess.Popen([CLI, *serve_args("--token-keys", str(key_dir))], env=env,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+    relay = RelayProcess(first, signing_key, {})  # waits until it serves
+    try:
+        result = run_cli(state_dir, *serve_args("--token-keys", str(key_dir)))
+        assert_refused_at_start(result, 2, f"pid {first.pid}", "--state-dir")
+        assert first.poll() is None  # the first one is untouched
+    finally:
+        relay.stop()
+
+
 def test_a_missing_key_directory_is_refused(state_dir: Path, tmp_path: Path) -> None:
     missing = tmp_path / "no-such-keys"
     result = run_cli(state_dir, *serve_args("--token-keys", str(missing)))
