@@ -50,6 +50,10 @@ def check_upgrade(method: str, headers: Mapping[str, str]) -> str:
     connection = ",".join(getall("Connection", ())) if getall else headers.get("Connection", "")
     if "upgrade" not in _tokens(connection):
         raise Refusal(ErrorCode.BAD_REQUEST, "the Connection header must contain `Upgrade`")
+    if headers.get("Content-Length", "0").strip() not in ("", "0") or \
+            "Transfer-Encoding" in headers:
+        # the HTTP parser would read the frames after it as the request's body
+        raise Refusal(ErrorCode.BAD_REQUEST, "a WebSocket upgrade request carries no body")
     version = headers.get("Sec-WebSocket-Version", "").strip()
     if version != VERSION:
         raise VersionRefused(ErrorCode.BAD_REQUEST,

@@ -225,6 +225,16 @@ async def test_an_upgrade_with_a_malformed_key_is_bad_request(
     await assert_still_serving(relay, http)
 
 
+async def test_an_upgrade_with_a_body_is_bad_request(
+        relay: RelayProcess, http: aiohttp.ClientSession) -> None:
+    # Otherwise the frames after it would be read as the request's body and never arrive.
+    request = ws_request(relay, unique_session("body")).replace(
+        b"\r\n\r\n", b"\r\nContent-Length: 5\r\n\r\nhello")
+    assert_contract_error(await send_raw(relay.port, request), 400, "bad_request")
+    await wait_for_connections(relay, http, 0)
+    await assert_still_serving(relay, http)
+
+
 async def test_an_unsupported_websocket_version_is_refused(
         relay: RelayProcess, http: aiohttp.ClientSession) -> None:
     request = ws_request(relay, unique_session("ver")).replace(

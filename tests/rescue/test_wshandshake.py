@@ -177,3 +177,15 @@ def test_a_key_of_any_other_length_is_refused(nonce: bytes) -> None:
     key = base64.b64encode(nonce).decode("ascii")
     refusal = refusal_of("GET", upgrade_headers(Sec_WebSocket_Key=key))
     assert "Sec-WebSocket-Key" in refusal.detail
+
+
+@pytest.mark.parametrize("extra", [{"Content_Length": "5"}, {"Transfer_Encoding": "chunked"}])
+def test_an_upgrade_request_with_a_body_is_refused(extra: dict[str, str]) -> None:
+    # the HTTP parser would take the frames that follow as the request's body
+    refusal = refusal_of("GET", upgrade_headers(**extra))
+    assert refusal.error is ErrorCode.BAD_REQUEST
+    assert "no body" in refusal.detail
+
+
+def test_an_upgrade_request_with_content_length_zero_is_accepted() -> None:
+    assert check_upgrade("GET", upgrade_headers(Content_Length="0")) == accept_value(RFC_KEY)
