@@ -67,7 +67,7 @@ class WsConnection(asyncio.Protocol):
         first = self._first
         if isinstance(first, asyncio.Future) and not first.done():
             first.set_result(None)
-        peer = self.peer
+        peer, self.peer = self.peer, None  # the peer refers to this connection: no cycle
         if peer is not None and not peer.closing:
             peer.close(CloseCode.NORMAL, "closed")
 
