@@ -16,6 +16,7 @@ limits set to the relay's water marks.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -192,20 +193,21 @@ class WsConnection(asyncio.Protocol):
             if self._waiters is not None and waiter in self._waiters:
                 self._waiters.remove(waiter)
 
-    async def wait_writable(self, timeout_s: float) -> None:
-        """Wait until the write buffer is under the low-water mark, the connection is lost
-        or closing, or ``timeout_s`` passed."""
+    async def _wait_until(self, done: Callable[[], bool], timeout_s: float) -> None:
+        """Wait until ``done()`` holds after a wake-up, or ``timeout_s`` passed."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while self.writing_paused and not self.lost and not self.close_sent:
+        while not done():
             left = deadline - loop.time()
             if left <= 0:
                 return
             await self._wait(left)
 
-    def wake_writers(self) -> None:
-        """Wake whoever waits for this connection (it is closing)."""
-        self._wake()
+    async def wait_writable(self, timeout_s: float) -> None:
+        """Wait until the write buffer is under the low-water mark, the connection is lost
+        or closing, or ``timeout_s`` passed."""
+        await self._wait_until(
+            lambda: not self.writing_paused or self.lost or self.close_sent, timeout_s)
 
     # --- closing ---------------------------------------------------------------------
     def send_close(self, code: CloseCode) -> None:
@@ -226,20 +228,14 @@ class WsConnection(asyncio.Protocol):
         """Close the WebSocket: send ``code``, wait up to ``timeout_s`` for the client's
         close frame, then close the TCP connection (abort it if its buffer does not drain)."""
         self.send_close(code)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while not self.close_received and not self.lost:
-            left = deadline - loop.time()
-            if left <= 0:
-                break
-            await self._wait(left)
+        await self._wait_until(lambda: self.close_received or self.lost, timeout_s)
         transport = self.transport
         if self.lost:
             return
         transport.close()
         if transport.get_write_buffer_size():
             # A receiver that stopped reading never lets the close frame out: drop it.
-            loop.call_later(timeout_s, transport.abort)
+            asyncio.get_running_loop().call_later(timeout_s, transport.abort)
 
 
 class _Detached(web.StreamResponse):

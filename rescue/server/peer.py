@@ -124,11 +124,11 @@ class Peer:
         self.closing = True
         self.close_code = code
         self.relay.stats.closes[code.name] += 1
-        self.conn.wake_writers()  # senders waiting for this peer to drain go on
         self.relay.ended(self)
-        # The close frame goes out now, and from now on the connection hands on nothing
-        # more: messages already buffered behind the one that closed it are dropped, as
-        # RFC 6455 wants after a close frame, instead of reaching the peer's counterparts.
+        # The close frame goes out now (waking senders waiting for this peer to drain),
+        # and from now on the connection hands on nothing more: messages already buffered
+        # behind the one that closed it are dropped, as RFC 6455 wants after a close frame,
+        # instead of reaching the peer's counterparts.
         self.conn.send_close(code)
         self._close_task = self.relay.spawn(
             self.conn.close(code, self.relay.config.close_timeout_s))
